@@ -1,0 +1,1 @@
+"""Real peers for tests and benchmarks: a Realtime stub server and an aiortc caller."""

@@ -1,0 +1,150 @@
+"""A synthetic caller built on aiortc: it behaves like the browser page on the wire.
+
+It sends real Opus (20 ms frames) from a programmable source (tone or silence or
+a PCM buffer), opens the `oai-events` data channel, posts its offer to
+`/v1/realtime/calls`, and records what comes back: the decoded model audio (48
+kHz mono, with arrival times) and every event on the channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import time
+from typing import Optional
+
+import aiohttp
+import av
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from media.audio import RTP_RATE
+
+FRAME_48K = 960
+
+
+class SourceTrack(MediaStreamTrack):
+    """48 kHz mono PCM paced at real time: a tone, queued PCM, or silence."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.freq: Optional[float] = None
+        self.level = 0.3
+        self._queued = bytearray()
+        self._n = 0
+        self._start: Optional[float] = None
+        self._phase = 0
+
+    def play(self, pcm48: bytes) -> None:
+        self._queued += pcm48
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.monotonic()
+        else:
+            wait = self._start + self._n * 0.02 - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        if self._queued:
+            chunk = bytes(self._queued[:FRAME_48K * 2]).ljust(FRAME_48K * 2, b"\0")
+            del self._queued[:FRAME_48K * 2]
+            samples = np.frombuffer(chunk, dtype="<i2")
+        elif self.freq:
+            t = (np.arange(FRAME_48K) + self._phase) / RTP_RATE
+            samples = (self.level * 32767 * np.sin(2 * np.pi * self.freq * t)).astype("<i2")
+        else:
+            samples = np.zeros(FRAME_48K, dtype="<i2")
+        self._phase += FRAME_48K
+        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = RTP_RATE
+        frame.time_base = fractions.Fraction(1, RTP_RATE)
+        frame.pts = self._n * FRAME_48K
+        self._n += 1
+        return frame
+
+
+class Caller:
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.source = SourceTrack()
+        self.events: list[dict] = []
+        self.event_times: list[float] = []
+        self.audio = bytearray()  # decoded model audio, 48 kHz mono s16
+        self.audio_frames: list[tuple[float, int]] = []  # (arrival monotonic, total bytes after)
+        self.call_id: Optional[str] = None
+        self.channel = None
+        self.channel_open = asyncio.Event()
+        self._reader: Optional[asyncio.Task] = None
+        self._event_waiters: list[tuple[str, asyncio.Future]] = []
+
+    async def connect(self, path: str = "/v1/realtime/calls") -> None:
+        self.pc.addTrack(self.source)
+        self.channel = self.pc.createDataChannel("oai-events")
+        self.channel.on("open", self.channel_open.set)
+        self.channel.on("message", self._on_message)
+        self.pc.on("track", self._on_track)
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        async with aiohttp.ClientSession() as http:
+            async with http.post(self.base_url + path, data=self.pc.localDescription.sdp,
+                                 headers={"Content-Type": "application/sdp"}) as resp:
+                body = await resp.text()
+                if resp.status != 201:
+                    raise RuntimeError(f"offer refused: {resp.status} {body}")
+                self.call_id = resp.headers["Location"].rsplit("/", 1)[-1]
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+
+    def _on_track(self, track) -> None:
+        self._reader = asyncio.ensure_future(self._read(track))
+
+    async def _read(self, track) -> None:
+        try:
+            while True:
+                frame = await track.recv()
+                pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0].astype("<i2").tobytes()
+                self.audio += pcm
+                self.audio_frames.append((time.monotonic(), len(self.audio)))
+        except MediaStreamError:
+            pass
+
+    def _on_message(self, message) -> None:
+        event = json.loads(message)
+        self.events.append(event)
+        self.event_times.append(time.monotonic())
+        for kind, fut in list(self._event_waiters):
+            if event.get("type") == kind and not fut.done():
+                fut.set_result(event)
+                self._event_waiters.remove((kind, fut))
+
+    def events_of(self, kind: str) -> list[dict]:
+        return [e for e in self.events if e.get("type") == kind]
+
+    async def wait_event(self, kind: str, timeout: float = 10.0) -> dict:
+        for e in self.events:
+            if e.get("type") == kind:
+                return e
+        return await self.next_event(kind, timeout)
+
+    async def next_event(self, kind: str, timeout: float = 10.0) -> dict:
+        fut = asyncio.get_running_loop().create_future()
+        self._event_waiters.append((kind, fut))
+        return await asyncio.wait_for(fut, timeout)
+
+    def send_event(self, event: dict | str) -> None:
+        self.channel.send(event if isinstance(event, str) else json.dumps(event))
+
+    async def hangup(self) -> int:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{self.base_url}/v1/realtime/calls/{self.call_id}/hangup") as resp:
+                return resp.status
+
+    async def close(self) -> None:
+        if self._reader:
+            self._reader.cancel()
+        await self.pc.close()

@@ -1,0 +1,1 @@
+"""The Realtime protocol side: events, the upstream client, the page policy, the call."""

@@ -1,0 +1,119 @@
+"""The WebSocket to the Realtime server: OpenAI, Azure, the local backend or any
+compatible server, all through this one client.
+
+Sends go through one queue drained by one writer, so events leave in the order
+they were produced (audio, then the truncate that refers to it) and callers that
+live in synchronous callbacks (data channel, playback) can send without awaiting.
+Events queued before the socket is open wait for it; `session.update` always
+goes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import AsyncIterator, Optional
+from urllib.parse import urlsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from . import events
+from .events import Event
+
+logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: Queued events before the socket opens or while it is slow (~20 s of audio).
+MAX_QUEUED = 1000
+
+
+class UpstreamError(Exception):
+    """The upstream refused, could not be reached or dropped the connection.
+
+    Messages name the host and the status, never the key or the query string.
+    """
+
+
+def redact(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+
+
+class UpstreamSession:
+    def __init__(self, url: str, headers: dict[str, str], *, open_timeout: float = 10.0) -> None:
+        self.url = url
+        self._headers = headers
+        self._open_timeout = open_timeout
+        self._ws: Optional[ClientConnection] = None
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self.sent_events = 0
+        self.received_events = 0
+
+    async def connect(self, first: Event) -> None:
+        """Open the socket and send `first` (the session.update) before anything queued."""
+        where = redact(self.url)
+        try:
+            self._ws = await connect(
+                self.url,
+                additional_headers=self._headers,
+                max_size=MAX_MESSAGE_BYTES,
+                open_timeout=self._open_timeout,
+                compression=None,  # base64 audio does not deflate; save the CPU
+                user_agent_header="realtime-webrtc-bridge",
+            )
+        except InvalidStatus as exc:
+            raise UpstreamError(f"upstream {where} refused the connection: HTTP {exc.response.status_code}") from None
+        except (InvalidHandshake, ValueError) as exc:
+            raise UpstreamError(f"upstream {where} handshake failed: {type(exc).__name__}") from None
+        except (OSError, asyncio.TimeoutError) as exc:
+            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or type(exc).__name__)
+            raise UpstreamError(f"could not reach upstream {where}: {reason}") from None
+        await self._ws.send(events.dumps(first))
+        self.sent_events += 1
+
+    def send(self, event: Event) -> None:
+        """Queue an event for the upstream (never blocks)."""
+        if self._queue.qsize() >= MAX_QUEUED:
+            raise UpstreamError(f"upstream is not keeping up ({MAX_QUEUED} events queued)")
+        self._queue.put_nowait(events.dumps(event))
+
+    async def write_loop(self) -> None:
+        assert self._ws is not None
+        try:
+            while True:
+                message = await self._queue.get()
+                await self._ws.send(message)
+                self.sent_events += 1
+        except ConnectionClosed as exc:
+            raise UpstreamError(_closed_reason(exc)) from None
+
+    async def read(self) -> AsyncIterator[Event]:
+        """Server events (beta names mapped to GA). Ends when the upstream closes."""
+        assert self._ws is not None
+        try:
+            async for message in self._ws:
+                try:
+                    event = json.loads(message)
+                except ValueError:
+                    logger.warning("upstream sent a message that is not JSON (%d bytes)", len(message))
+                    continue
+                if isinstance(event, dict):
+                    self.received_events += 1
+                    yield events.normalize_server_event(event)
+        except ConnectionClosed as exc:
+            raise UpstreamError(_closed_reason(exc)) from None
+        raise UpstreamError(_closed_reason(None, self._ws))
+
+    async def close(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+
+
+def _closed_reason(exc: Optional[ConnectionClosed], ws: Optional[ClientConnection] = None) -> str:
+    frame = (exc.rcvd if exc else None) or (ws.close_frame if ws is not None else None)
+    if frame is None:
+        return "upstream connection dropped"
+    reason = f": {frame.reason}" if frame.reason else ""
+    return f"upstream closed the connection (code {frame.code}{reason})"

@@ -1,0 +1,339 @@
+"""Configuration: command-line flags, environment variables and an optional `.env`
+file (flags win, then the environment, then `.env`), validated once into one
+frozen `Settings` object. Every option is declared once in `OPTIONS`; `--help`,
+the env lookup and the README table all come from that list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+from dotenv import dotenv_values
+
+OPENAI_REALTIME_URL = "wss://api.openai.com/v1/realtime"
+
+DEFAULT_CLIENT_EVENTS = (
+    "session.update",
+    "response.create",
+    "response.cancel",
+    "conversation.item.create",
+    "conversation.item.delete",
+    "conversation.item.retrieve",
+    "input_audio_buffer.clear",
+    "output_audio_buffer.clear",
+)
+# Dotted paths inside `session` a page may change. Audio formats and the model
+# are never on this list: the bridge depends on 24 kHz PCM both ways.
+DEFAULT_SESSION_FIELDS = (
+    "type",
+    "instructions",
+    "output_modalities",
+    "audio.input.turn_detection",
+    "audio.input.transcription",
+    "audio.input.noise_reduction",
+    "audio.output.voice",
+    "audio.output.speed",
+    "tools",
+    "tool_choice",
+    "max_output_tokens",
+)
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message is one line for the operator."""
+
+
+@dataclass(frozen=True)
+class IceServer:
+    urls: str
+    username: Optional[str] = None
+    credential: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    realtime_url: Optional[str] = None
+    api_key: Optional[str] = field(default=None, repr=False)
+    auth_style: str = "auto"
+    model: str = "gpt-realtime"
+    voice: str = "alloy"
+    instructions: str = "You are a helpful, concise voice assistant."
+    turn_detection: str = "server_vad"
+    vad_threshold: float = 0.55
+    vad_prefix_padding_ms: int = 300
+    vad_silence_ms: int = 500
+    vad_eagerness: str = "auto"
+    transcription_model: str = "whisper-1"
+    ice_servers: tuple[IceServer, ...] = ()
+    max_calls: int = 20
+    max_call_seconds: float = 3600.0
+    connect_timeout: float = 15.0
+    media_timeout: float = 10.0
+    cors_origins: tuple[str, ...] = ()
+    client_events: tuple[str, ...] = DEFAULT_CLIENT_EVENTS
+    session_fields: tuple[str, ...] = DEFAULT_SESSION_FIELDS
+    local_responder: str = "echo"
+    local_llm_model: str = "llama3.2"
+    log_level: str = "INFO"
+
+    # -- derived -----------------------------------------------------------
+
+    @property
+    def uses_local_backend(self) -> bool:
+        return self.realtime_url is None and self.api_key is None
+
+    def upstream_url(self, local_url: Optional[str] = None) -> str:
+        """The WebSocket URL of the Realtime server, with the model in the query."""
+        base = self.realtime_url or (local_url if self.uses_local_backend else OPENAI_REALTIME_URL)
+        assert base, "local backend URL required"
+        parts = urlsplit(base)
+        query = parse_qs(parts.query)
+        if "model" not in query and "deployment" not in query:
+            query["model"] = [self.model]
+        return urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
+
+    def upstream_headers(self) -> dict[str, str]:
+        """Auth header for the upstream; the key never goes anywhere else."""
+        if not self.api_key:
+            return {}
+        style = self.auth_style
+        if style == "auto":
+            host = urlsplit(self.realtime_url or OPENAI_REALTIME_URL).hostname or ""
+            style = "api-key" if host.endswith((".azure.com", ".azure.us", ".azure.cn")) else "bearer"
+        if style == "api-key":
+            return {"api-key": self.api_key}
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def turn_detection_config(self) -> Optional[dict[str, Any]]:
+        if self.turn_detection == "none":
+            return None
+        if self.turn_detection == "semantic_vad":
+            return {"type": "semantic_vad", "eagerness": self.vad_eagerness,
+                    "create_response": True, "interrupt_response": True}
+        return {
+            "type": "server_vad",
+            "threshold": self.vad_threshold,
+            "prefix_padding_ms": self.vad_prefix_padding_ms,
+            "silence_duration_ms": self.vad_silence_ms,
+            "create_response": True,
+            "interrupt_response": True,
+        }
+
+    def session_config(self) -> dict[str, Any]:
+        """The GA `session` object the bridge sends upstream on connect."""
+        audio_in: dict[str, Any] = {
+            "format": {"type": "audio/pcm", "rate": 24000},
+            "turn_detection": self.turn_detection_config(),
+        }
+        if self.transcription_model != "none":
+            audio_in["transcription"] = {"model": self.transcription_model}
+        return {
+            "type": "realtime",
+            "model": self.model,
+            "instructions": self.instructions,
+            "output_modalities": ["audio"],
+            "audio": {
+                "input": audio_in,
+                "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": self.voice},
+            },
+        }
+
+    def ice_config(self) -> list[dict[str, Any]]:
+        """ICE servers in the browser's RTCIceServer shape (for the page)."""
+        out = []
+        for s in self.ice_servers:
+            entry: dict[str, Any] = {"urls": s.urls}
+            if s.username:
+                entry["username"] = s.username
+                entry["credential"] = s.credential or ""
+            out.append(entry)
+        return out
+
+
+# -- parsing -------------------------------------------------------------------
+
+
+def _positive_int(v: str) -> int:
+    n = int(v)
+    if n <= 0:
+        raise ValueError("must be a positive integer")
+    return n
+
+
+def _port(v: str) -> int:
+    n = int(v)
+    if not 0 <= n <= 65535:
+        raise ValueError("must be between 0 and 65535")
+    return n
+
+
+def _positive_float(v: str) -> float:
+    n = float(v)
+    if not n > 0:
+        raise ValueError("must be a positive number")
+    return n
+
+
+def _unit_float(v: str) -> float:
+    n = float(v)
+    if not 0.0 <= n <= 1.0:
+        raise ValueError("must be between 0 and 1")
+    return n
+
+
+def _non_negative_int(v: str) -> int:
+    n = int(v)
+    if n < 0:
+        raise ValueError("must be zero or more")
+    return n
+
+
+def _csv(v: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in v.split(",") if x.strip())
+
+
+def _ws_url(v: str) -> str:
+    parts = urlsplit(v)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError("must be a ws:// or wss:// URL with a host")
+    return v
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(v: str) -> str:
+        v = v.strip()
+        if v not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return v
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # Settings field
+    env: tuple[str, ...]
+    parse: Callable[[str], Any]
+    help: str
+    secret: bool = False
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", ("HOST",), str, "address to listen on (0.0.0.0 for other machines; phones need --tls-cert)"),
+    Option("port", ("PORT",), _port, "TCP port for the page, signaling and the local backend"),
+    Option("tls_cert", ("TLS_CERT",), str, "PEM certificate: serve HTTPS (browsers only allow the mic on https or localhost)"),
+    Option("tls_key", ("TLS_KEY",), str, "PEM private key for --tls-cert"),
+    Option("realtime_url", ("REALTIME_URL",), _ws_url, "upstream Realtime WebSocket URL (default: OpenAI if a key is set, else the embedded local backend)"),
+    Option("api_key", ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "REALTIME_API_KEY"), str, "upstream API key (sent only to the upstream, in the header its service expects)", secret=True),
+    Option("auth_style", ("REALTIME_AUTH_STYLE",), _choice("auto", "bearer", "api-key"), "how the key is sent: 'Authorization: Bearer' or Azure's 'api-key' header (auto: api-key for *.azure.com hosts)"),
+    Option("model", ("REALTIME_MODEL",), str, "model (or Azure deployment) asked of the upstream"),
+    Option("voice", ("REALTIME_VOICE",), str, "voice of the model"),
+    Option("instructions", ("REALTIME_INSTRUCTIONS",), str, "system instructions sent in session.update"),
+    Option("turn_detection", ("TURN_DETECTION",), _choice("server_vad", "semantic_vad", "none"), "turn detection mode ('none': the page commits and asks for responses)"),
+    Option("vad_threshold", ("VAD_THRESHOLD",), _unit_float, "server VAD activation threshold, 0..1"),
+    Option("vad_prefix_padding_ms", ("VAD_PREFIX_PADDING_MS",), _non_negative_int, "audio kept before detected speech, ms"),
+    Option("vad_silence_ms", ("VAD_SILENCE_MS",), _positive_int, "silence that ends a turn, ms"),
+    Option("vad_eagerness", ("VAD_EAGERNESS",), _choice("low", "medium", "high", "auto"), "semantic VAD eagerness"),
+    Option("transcription_model", ("TRANSCRIPTION_MODEL",), str, "input transcription model for the user's captions ('none' turns captions of the user off)"),
+    Option("ice_servers", ("ICE_SERVERS",), str, "comma-separated STUN/TURN URLs (default none: nothing waits on unreachable STUN)"),
+    Option("ice_username", ("ICE_USERNAME",), str, "username for the TURN servers"),
+    Option("ice_credential", ("ICE_CREDENTIAL",), str, "credential for the TURN servers", secret=True),
+    Option("max_calls", ("MAX_CALLS",), _positive_int, "concurrent calls before new ones get 503"),
+    Option("max_call_seconds", ("MAX_CALL_SECONDS",), _positive_float, "a call is ended after this long"),
+    Option("connect_timeout", ("CONNECT_TIMEOUT",), _positive_float, "seconds for ICE+DTLS to connect before the call is dropped"),
+    Option("media_timeout", ("MEDIA_TIMEOUT",), _positive_float, "seconds without audio from the caller before the call is ended"),
+    Option("cors_origins", ("CORS_ORIGINS",), _csv, "comma-separated origins allowed to call the API from other sites ('*' for any; default: same origin only)"),
+    Option("client_events", ("ALLOWED_CLIENT_EVENTS",), _csv, "client event types the page may send upstream"),
+    Option("session_fields", ("ALLOWED_SESSION_FIELDS",), _csv, "dotted session fields a page's session.update may change"),
+    Option("local_responder", ("LOCAL_RESPONDER",), str, "local backend's responder: 'echo' or an OpenAI-compatible chat-completions base URL (e.g. http://127.0.0.1:11434/v1)"),
+    Option("local_llm_model", ("LOCAL_LLM_MODEL",), str, "model name sent to that chat-completions server"),
+    Option("log_level", ("LOG_LEVEL",), _choice("DEBUG", "INFO", "WARNING", "ERROR"), "log level"),
+)
+
+_DEFAULTS = Settings()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="server.py",
+        description="WebRTC bridge between browsers and OpenAI-Realtime-protocol speech models. "
+        "Each flag can also be set by the environment variable shown, or in a .env file; flags win.",
+    )
+    parser.add_argument("--env-file", default=".env", help="optional dotenv file (default: .env)")
+    for opt in OPTIONS:
+        default = getattr(_DEFAULTS, opt.name, None) if hasattr(_DEFAULTS, opt.name) else None
+        shown = "" if opt.secret or default in (None, "", ()) else f" (default: {_show(default)})"
+        parser.add_argument(
+            "--" + opt.name.replace("_", "-"),
+            dest=opt.name,
+            default=None,
+            metavar=opt.env[0],
+            help=f"{opt.help}{shown} [env {' or '.join(opt.env)}]",
+        )
+    return parser
+
+
+def _show(value: Any) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def load(argv: Optional[Sequence[str]] = None, environ: Optional[dict[str, str]] = None) -> Settings:
+    """Resolve every option (flag > environment > .env > default) and validate."""
+    args = build_parser().parse_args(argv)
+    env = dict(os.environ if environ is None else environ)
+    dotenv = {k: v for k, v in dotenv_values(args.env_file).items() if v is not None} if os.path.isfile(args.env_file) else {}
+    raw: dict[str, str] = {}
+    for opt in OPTIONS:
+        value = getattr(args, opt.name)
+        if value is None:
+            value = next((env[e] for e in opt.env if env.get(e)), None)
+        if value is None:
+            value = next((dotenv[e] for e in opt.env if dotenv.get(e)), None)
+        if value is not None:
+            raw[opt.name] = value
+    return from_raw(raw)
+
+
+def from_raw(raw: dict[str, str]) -> Settings:
+    values: dict[str, Any] = {}
+    by_name = {o.name: o for o in OPTIONS}
+    for name, text in raw.items():
+        opt = by_name[name]
+        try:
+            values[name] = opt.parse(text)
+        except ValueError as exc:
+            shown = "<hidden>" if opt.secret else repr(text)
+            reason = str(exc) if "invalid literal" not in str(exc) and "could not convert" not in str(exc) else "not a number"
+            raise ConfigError(f"--{name.replace('_', '-')} ({opt.env[0]}) = {shown}: {reason}") from None
+    ice_urls = _csv(values.pop("ice_servers", ""))
+    user, cred = values.pop("ice_username", None), values.pop("ice_credential", None)
+    for url in ice_urls:
+        if not url.startswith(("stun:", "stuns:", "turn:", "turns:")):
+            raise ConfigError(f"--ice-servers (ICE_SERVERS): {url!r} is not a stun:/turn: URL")
+        if url.startswith("turn") and not (user and cred):
+            raise ConfigError("--ice-servers (ICE_SERVERS): TURN servers need ICE_USERNAME and ICE_CREDENTIAL")
+    values["ice_servers"] = tuple(
+        IceServer(u, user if u.startswith("turn") else None, cred if u.startswith("turn") else None) for u in ice_urls
+    )
+    if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if values.get("realtime_url", "").startswith("wss://api.openai.com") and not values.get("api_key"):
+        raise ConfigError("REALTIME_URL points at OpenAI but OPENAI_API_KEY is not set")
+    return Settings(**values)
+
+
+def load_or_exit(argv: Optional[Sequence[str]] = None) -> Settings:
+    try:
+        return load(argv)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

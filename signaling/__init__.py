@@ -1,0 +1,1 @@
+"""aiohttp signaling: SDP offer/answer, hangup, health, the page; errors, CORS, limits."""

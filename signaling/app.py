@@ -1,0 +1,24 @@
+"""Builds the aiohttp application: middlewares, routes, shared state, shutdown."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from settings import Settings
+
+from .cors import Cors
+from .errors import error_middleware
+from .routes import REGISTRY, SETTINGS, CallRegistry, add_routes
+
+
+def build_app(settings: Settings, upstream_url: str) -> web.Application:
+    app = web.Application(middlewares=[Cors(settings.cors_origins).middleware, error_middleware])
+    app[SETTINGS] = settings
+    app[REGISTRY] = CallRegistry(settings, upstream_url)
+    add_routes(app)
+
+    async def drain_calls(app: web.Application) -> None:
+        await app[REGISTRY].close_all("server shutting down")
+
+    app.on_shutdown.append(drain_calls)
+    return app

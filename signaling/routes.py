@@ -1,0 +1,215 @@
+"""HTTP routes: OpenAI's WebRTC call interface, plus health and the page.
+
+POST /v1/realtime/calls                 SDP offer in, 201 + SDP answer + Location out
+                                        (application/sdp, application/json, or multipart sdp+session)
+POST /v1/realtime/calls/{id}/hangup     end a call
+GET  /healthz                           readiness and active calls
+GET  /config.json                       what the page needs (ICE servers)
+GET  /                                  the page
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from aiohttp import web
+
+from realtime import events
+from realtime.call import Call
+from realtime.policy import ClientEventPolicy
+from realtime.upstream import UpstreamSession
+from settings import Settings
+
+from .errors import error_response
+from .sdp import OfferError, validate_offer
+
+logger = logging.getLogger(__name__)
+
+MAX_OFFER_BYTES = 64 * 1024
+CLIENT_DIR = Path(__file__).resolve().parent.parent / "client"
+
+
+class CallRegistry:
+    """The live calls of this process. A call removes itself when it has closed."""
+
+    def __init__(self, settings: Settings, upstream_url: str) -> None:
+        self.settings = settings
+        self.upstream_url = upstream_url
+        self.calls: dict[str, Call] = {}
+        self.policy = ClientEventPolicy(settings.client_events, settings.session_fields)
+        self.total = 0
+
+    @property
+    def full(self) -> bool:
+        return len(self.calls) >= self.settings.max_calls
+
+    def create(self) -> Call:
+        call_id = events.new_id("rtc")
+        upstream = UpstreamSession(self.upstream_url, self.settings.upstream_headers())
+        call = Call(call_id, self.settings, upstream, self.policy, on_closed=self._closed)
+        self.calls[call_id] = call
+        self.total += 1
+        return call
+
+    def _closed(self, call: Call) -> None:
+        self.calls.pop(call.id, None)
+
+    async def close_all(self, reason: str) -> None:
+        calls = list(self.calls.values())
+        for call in calls:
+            call.end(reason)
+        await asyncio.gather(*(c.wait_closed() for c in calls), return_exceptions=True)
+
+
+REGISTRY = web.AppKey("registry", CallRegistry)
+SETTINGS = web.AppKey("settings", Settings)
+
+
+async def read_body(request: web.Request) -> bytes:
+    if request.content_length is not None and request.content_length > MAX_OFFER_BYTES:
+        raise _TooLarge
+    body = await request.content.read(MAX_OFFER_BYTES + 1)
+    if len(body) > MAX_OFFER_BYTES:
+        raise _TooLarge
+    return body
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _BadRequest(Exception):
+    def __init__(self, code: str, message: str, param: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.code, self.param = code, param
+
+
+async def _parse_offer(request: web.Request) -> tuple[str, Optional[dict[str, Any]], bool]:
+    """(sdp, page session or None, reply as JSON?) from any of the accepted body shapes."""
+    ctype = request.content_type
+    if ctype == "application/sdp":
+        return (await read_body(request)).decode("utf-8", "replace"), None, False
+    if ctype == "application/json":
+        try:
+            body = json.loads(await read_body(request))
+        except ValueError as exc:
+            raise _BadRequest("invalid_json", f"Request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict) or not isinstance(body.get("sdp"), str):
+            raise _BadRequest("missing_required_parameter", "JSON body needs a string 'sdp'.", "sdp")
+        if body.get("type", "offer") != "offer":
+            raise _BadRequest("invalid_value", "'type' must be 'offer'.", "type")
+        session = body.get("session")
+        return body["sdp"], session if isinstance(session, dict) else None, True
+    if ctype == "multipart/form-data":
+        if request.content_length is not None and request.content_length > MAX_OFFER_BYTES:
+            raise _TooLarge
+        parts: dict[str, str] = {}
+        total = 0
+        reader = await request.multipart()
+        async for part in reader:
+            data = await part.read(decode=True)
+            total += len(data)
+            if total > MAX_OFFER_BYTES:
+                raise _TooLarge
+            if part.name:
+                parts[part.name] = data.decode("utf-8", "replace")
+        if "sdp" not in parts:
+            raise _BadRequest("missing_required_parameter", "multipart body needs an 'sdp' part.", "sdp")
+        session = None
+        if parts.get("session"):
+            try:
+                session = json.loads(parts["session"])
+            except ValueError:
+                raise _BadRequest("invalid_json", "The 'session' part is not valid JSON.", "session") from None
+        return parts["sdp"], session if isinstance(session, dict) else None, False
+    raise _UnsupportedType(ctype)
+
+
+class _UnsupportedType(Exception):
+    pass
+
+
+async def create_call(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    try:
+        sdp, page_session, as_json = await _parse_offer(request)
+    except _TooLarge:
+        return error_response(413, "body_too_large", f"Request body exceeds {MAX_OFFER_BYTES} bytes.")
+    except _UnsupportedType as exc:
+        return error_response(415, "unsupported_media_type",
+                              f"Content-Type '{exc}' is not supported; send application/sdp, "
+                              "application/json or multipart/form-data.")
+    except _BadRequest as exc:
+        return error_response(400, exc.code, str(exc), param=exc.param)
+    try:
+        validate_offer(sdp)
+    except OfferError as exc:
+        return error_response(400, "invalid_offer", str(exc), param="sdp")
+    if registry.full:
+        return error_response(503, "too_many_calls",
+                              f"The server is at its limit of {registry.settings.max_calls} concurrent calls; try again later.",
+                              headers={"Retry-After": "5"})
+    call = registry.create()
+    try:
+        answer = await call.accept(sdp)
+    except Exception as exc:  # aiortc raises ValueError/InvalidAccessError etc. on bad SDP
+        call.end(f"offer rejected: {exc}", tell_page=False)
+        await call.wait_closed()
+        return error_response(400, "invalid_offer", f"Could not apply the SDP offer: {exc}", param="sdp")
+    if page_session:
+        verdict = registry.policy.check(events.dumps(events.session_update(page_session)))
+        if verdict.forward:
+            call.upstream.send(verdict.forward)
+        for err in verdict.errors:
+            call.to_page(err)
+    call.start()
+    logger.info("call %s created (%d active)", call.id, len(registry.calls))
+    location = f"/v1/realtime/calls/{call.id}"
+    if as_json:
+        return web.json_response({"type": "answer", "sdp": answer, "call_id": call.id},
+                                 status=201, headers={"Location": location})
+    return web.Response(status=201, text=answer, content_type="application/sdp", headers={"Location": location})
+
+
+async def hangup(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    call_id = request.match_info["call_id"]
+    call = registry.calls.get(call_id)
+    if call is None:
+        return error_response(404, "call_not_found", f"No active call with id '{call_id}'.", param="call_id")
+    call.end("hung up by the client", tell_page=False)
+    await call.wait_closed()
+    return web.json_response({"id": call_id, "status": "ended"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    settings = request.app[SETTINGS]
+    return web.json_response({
+        "status": "ok",
+        "active_calls": len(registry.calls),
+        "max_calls": settings.max_calls,
+        "total_calls": registry.total,
+        "upstream": "local" if settings.uses_local_backend else "remote",
+    })
+
+
+async def page_config(request: web.Request) -> web.Response:
+    return web.json_response({"ice_servers": request.app[SETTINGS].ice_config()})
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(CLIENT_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/realtime/calls", create_call)
+    app.router.add_post("/v1/realtime/calls/{call_id}/hangup", hangup)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/config.json", page_config)
+    app.router.add_get("/", index)
+    app.router.add_static("/client/", CLIENT_DIR, append_version=False)
