@@ -7,6 +7,11 @@ the life of the track, through silence and flushes alike (RTP timestamps come
 from pts, and a jump in them is heard as a glitch). When nothing is buffered the
 track plays silence, so RTP never stops.
 
+Frames go to the encoder as 48 kHz stereo. Fed 24 kHz mono, aiortc's Opus
+encoder resamples and upmixes itself: the upmix costs 3 dB (mono → stereo at
+-3 dB per channel) and its fixed-size resampler holds every frame back by one
+(+20 ms). Upsampling here, with one resampler per track primed once, avoids both.
+
 For barge-in the track counts, per assistant item, the samples it received and
 the samples it actually handed to the encoder; `flush()` returns those counts so
 the truncation point is what was really played, never a wall-clock guess.
@@ -26,7 +31,7 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from .audio import FRAME_BYTES, FRAME_MS, FRAME_SAMPLES, REALTIME_RATE, samples_to_ms
+from .audio import FRAME_BYTES, FRAME_MS, FRAME_SAMPLES, REALTIME_RATE, RTP_RATE, samples_to_ms
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +41,32 @@ FRAME_S = FRAME_MS / 1000
 REANCHOR_AFTER_S = 0.1
 #: Hard cap on buffered model audio (a runaway upstream must not eat memory).
 MAX_BUFFERED_SAMPLES = REALTIME_RATE * 600
-_TIME_BASE = fractions.Fraction(1, REALTIME_RATE)
+_TIME_BASE = fractions.Fraction(1, RTP_RATE)
 _SILENCE = bytes(FRAME_BYTES)
+#: Samples per channel of one outbound frame at the RTP rate (960).
+OUT_FRAME_SAMPLES = RTP_RATE * FRAME_MS // 1000
+
+
+class Upsampler:
+    """24 kHz mono PCM16 → exactly one 20 ms frame of 48 kHz stereo s16 per call."""
+
+    def __init__(self) -> None:
+        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=RTP_RATE)
+        self._fifo = np.zeros(0, dtype="<i2")
+
+    def __call__(self, pcm: bytes) -> av.AudioFrame:
+        src = av.AudioFrame.from_ndarray(np.frombuffer(pcm, dtype="<i2").reshape(1, -1), format="s16", layout="mono")
+        src.sample_rate = REALTIME_RATE
+        out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(src)]
+        fifo = np.concatenate([self._fifo, *out])
+        if fifo.size < OUT_FRAME_SAMPLES:
+            # Only at the start: the filter holds back a few samples. Prime with
+            # silence once so every later call has a whole frame ready.
+            fifo = np.concatenate([np.zeros(OUT_FRAME_SAMPLES - fifo.size, dtype="<i2"), fifo])
+        mono, self._fifo = fifo[:OUT_FRAME_SAMPLES], fifo[OUT_FRAME_SAMPLES:]
+        frame = av.AudioFrame.from_ndarray(np.repeat(mono, 2).reshape(1, -1), format="s16", layout="stereo")
+        frame.sample_rate = RTP_RATE
+        return frame
 
 
 @dataclass
@@ -90,6 +119,7 @@ class PlaybackTrack(MediaStreamTrack):
         self._frames = 0
         self._playing: Optional[str] = None  # item id of the audio being played
         self._audio_done = False
+        self._upsample = Upsampler()
         self.stats = PlaybackStats()
         #: Called with the item id when its first samples go to the encoder.
         self.on_started: Optional[Callable[[str], None]] = None
@@ -153,13 +183,9 @@ class PlaybackTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         await self._wait_for_slot()
-        pcm = self._next_pcm()
-        frame = av.AudioFrame.from_ndarray(
-            np.frombuffer(pcm, dtype="<i2").reshape(1, -1), format="s16", layout="mono"
-        )
-        frame.sample_rate = REALTIME_RATE
+        frame = self._upsample(self._next_pcm())
         frame.time_base = _TIME_BASE
-        frame.pts = self._frames * FRAME_SAMPLES
+        frame.pts = self._frames * OUT_FRAME_SAMPLES
         self._frames += 1
         self.stats.frames += 1
         return frame

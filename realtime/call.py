@@ -67,6 +67,7 @@ class Call:
         self.mic: Optional[MicPump] = None
         self.channel: Optional[RTCDataChannel] = None
         self._pending_page: list[str] = []
+        self._channel_ready = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._teardown_task: Optional[asyncio.Task] = None
         self.closed = asyncio.Event()
@@ -97,9 +98,18 @@ class Call:
         await pc.setLocalDescription(await pc.createAnswer())
         return pc.localDescription.sdp
 
+    async def open_upstream(self) -> None:
+        """Connect to the Realtime server and configure the session.
+
+        Run alongside `accept()`, so a refusing upstream becomes a precise HTTP
+        error instead of a call that connects and then dies.
+        """
+        await self.upstream.connect(events.session_update(self.settings.session_config()))
+
     def start(self) -> None:
-        """Start the upstream session and the call's timers."""
-        self._spawn(self._run_upstream(), "upstream")
+        """Start pumping upstream events and the call's timers (after `open_upstream`)."""
+        self._spawn(self.upstream.write_loop(), "upstream-writer")
+        self._spawn(self._read_upstream(), "upstream-reader")
         self._spawn(self._watch_connect(), "connect-timeout")
         self._spawn(self._watch_duration(), "max-duration")
 
@@ -116,6 +126,13 @@ class Call:
 
     async def _teardown(self, code: str, tell_page: bool) -> None:
         try:
+            if tell_page and self.channel is None and self.pc.connectionState in ("new", "connecting", "connected"):
+                # Ended before the page's channel opened: give it a moment, so the
+                # page learns why instead of seeing a silent hang-up.
+                try:
+                    await asyncio.wait_for(self._channel_ready.wait(), 3.0)
+                except asyncio.TimeoutError:
+                    pass
             if tell_page and self.channel is not None and self.channel.readyState == "open":
                 self.channel.send(events.dumps(events.error(
                     f"Call ended: {self.reason}", code=code, type="server_error")))
@@ -200,6 +217,7 @@ class Call:
         pending, self._pending_page = self._pending_page, []
         for message in pending:
             channel.send(message)
+        self._channel_ready.set()
 
     def _on_connection_state(self) -> None:
         state = self.pc.connectionState
@@ -242,9 +260,7 @@ class Call:
 
     # -- upstream → page / playback ------------------------------------------------
 
-    async def _run_upstream(self) -> None:
-        await self.upstream.connect(events.session_update(self.settings.session_config()))
-        self._spawn(self.upstream.write_loop(), "upstream-writer")
+    async def _read_upstream(self) -> None:
         async for event in self.upstream.read():
             self.on_upstream_event(event)
 

@@ -21,7 +21,7 @@ from aiohttp import web
 from realtime import events
 from realtime.call import Call
 from realtime.policy import ClientEventPolicy
-from realtime.upstream import UpstreamSession
+from realtime.upstream import UpstreamError, UpstreamSession
 from settings import Settings
 
 from .errors import error_response
@@ -154,12 +154,21 @@ async def create_call(request: web.Request) -> web.Response:
                               f"The server is at its limit of {registry.settings.max_calls} concurrent calls; try again later.",
                               headers={"Retry-After": "5"})
     call = registry.create()
-    try:
-        answer = await call.accept(sdp)
-    except Exception as exc:  # aiortc raises ValueError/InvalidAccessError etc. on bad SDP
-        call.end(f"offer rejected: {exc}", tell_page=False)
+    # SDP work and the upstream handshake run side by side: call set-up costs the
+    # slower of the two, and a refusing upstream is answered here, precisely.
+    answer, upstream = await asyncio.gather(call.accept(sdp), call.open_upstream(), return_exceptions=True)
+    if isinstance(answer, BaseException) or isinstance(upstream, BaseException):
+        if isinstance(answer, BaseException):
+            # aiortc raises ValueError/InvalidAccessError etc. on SDP it cannot use
+            reply = error_response(400, "invalid_offer", f"Could not apply the SDP offer: {answer}", param="sdp")
+        elif isinstance(upstream, UpstreamError):
+            reply = error_response(502, "upstream_unavailable", f"{upstream}.")
+        else:
+            logger.error("call %s: upstream set-up failed", call.id, exc_info=upstream)
+            reply = error_response(502, "upstream_unavailable", "The upstream session could not be opened.")
+        call.end(f"set-up failed: {reply.status}", tell_page=False)
         await call.wait_closed()
-        return error_response(400, "invalid_offer", f"Could not apply the SDP offer: {exc}", param="sdp")
+        return reply
     if page_session:
         verdict = registry.policy.check(events.dumps(events.session_update(page_session)))
         if verdict.forward:

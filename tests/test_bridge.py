@@ -1,0 +1,175 @@
+"""Integration: a real aiortc caller ↔ the real bridge ↔ a real WebSocket Realtime stub."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from media.audio import FRAME_BYTES, REALTIME_RATE, dominant_frequency, rms_dbfs
+from tests.conftest import eventually
+
+RTP_RATE = 48000
+
+
+def tone_ms(pcm48: bytes, threshold_dbfs: float = -40) -> int:
+    """Milliseconds of non-silent 10 ms blocks in 48 kHz mono PCM."""
+    block = 960  # 10 ms at 48 kHz, in bytes
+    return sum(10 for i in range(0, len(pcm48) - block + 1, block) if rms_dbfs(pcm48[i:i + block]) > threshold_dbfs)
+
+
+async def connected_call(bridge, stub, new_caller, freq=None):
+    caller = new_caller(bridge.url)
+    caller.source.freq = freq
+    await caller.connect()
+    session = await stub.wait_session()
+    await asyncio.wait_for(caller.channel_open.wait(), 10)
+    await caller.wait_event("session.updated")
+    return caller, session
+
+
+async def test_the_session_is_configured_for_24k_pcm_and_the_page_sees_created_then_updated(bridge, stub, new_caller):
+    caller, session = await connected_call(bridge, stub, new_caller)
+    update = session.events_of("session.update")[0]["session"]
+    assert update["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
+    assert update["audio"]["input"]["turn_detection"]["threshold"] == 0.55
+    kinds = [e["type"] for e in caller.events]
+    assert kinds.index("session.created") < kinds.index("session.updated")
+
+
+async def test_a_tone_from_the_caller_arrives_upstream_at_24k_with_the_right_frequency(bridge, stub, new_caller):
+    caller, session = await connected_call(bridge, stub, new_caller, freq=1000)
+    await eventually(lambda: len(session.audio) >= 2 * REALTIME_RATE * 2, what="2 s of audio upstream")
+    steady = bytes(session.audio[REALTIME_RATE:2 * REALTIME_RATE * 2])
+    assert abs(dominant_frequency(steady) - 1000) < 2
+    assert rms_dbfs(steady) > -20  # a 0.3 amplitude tone is ≈ -13.5 dBFS; Opus keeps it
+    # one append per 20 ms frame, each exactly 480 samples after warm-up
+    sizes = np.diff([n for _, n in session.audio_arrivals])[5:50]
+    assert set(sizes.tolist()) == {FRAME_BYTES}
+
+
+async def test_model_audio_deltas_reach_the_caller_with_the_right_frequency_and_level(bridge, stub, new_caller):
+    caller, session = await connected_call(bridge, stub, new_caller)
+    await stub.respond(session, freq=600, ms=1500)
+    await eventually(lambda: tone_ms(bytes(caller.audio)) >= 1400, what="the reply at the caller")
+    heard = bytes(caller.audio)
+    blocks = [heard[i:i + 960] for i in range(0, len(heard), 960)]
+    voiced = b"".join(b for b in blocks if rms_dbfs(b) > -40)
+    assert abs(dominant_frequency(voiced, RTP_RATE) - 600) < 2
+    assert abs(rms_dbfs(voiced) - (-9.0)) < 2  # the stub sends 0.5 amplitude: -9 dBFS
+    await caller.wait_event("output_audio_buffer.stopped")
+    kinds = [e["type"] for e in caller.events]
+    assert "response.output_audio.delta" not in kinds  # audio travels on RTP only
+    assert kinds.index("output_audio_buffer.started") < kinds.index("output_audio_buffer.stopped")
+    started = caller.events_of("output_audio_buffer.started")[0]
+    assert started["response_id"] == caller.events_of("response.created")[0]["response"]["id"]
+
+
+async def test_transcripts_arrive_on_oai_events(bridge, stub, new_caller):
+    caller, session = await connected_call(bridge, stub, new_caller)
+    await stub.respond(session, text="the quick brown fox")
+    done = await caller.wait_event("response.output_audio_transcript.done")
+    assert done["transcript"] == "the quick brown fox"
+    deltas = "".join(e["delta"] for e in caller.events_of("response.output_audio_transcript.delta"))
+    assert deltas.split() == ["the", "quick", "brown", "fox"]
+
+
+async def test_barge_in_truncates_at_exactly_the_audio_the_caller_received(bridge, stub, new_caller):
+    caller, session = await connected_call(bridge, stub, new_caller)
+    reply = await stub.respond(session, freq=500, ms=5000)  # 5 s arrive at once, faster than real time
+    await eventually(lambda: tone_ms(bytes(caller.audio)) >= 1000, what="a second of the reply")
+    await stub.speech_started(session)
+    cleared = await caller.wait_event("output_audio_buffer.cleared")
+    await eventually(lambda: session.truncations, what="the truncate upstream")
+    (truncate,) = session.truncations
+    assert truncate["item_id"] == reply["item_id"] and truncate["content_index"] == 0
+    assert cleared["response_id"] == reply["response_id"]
+    await asyncio.sleep(0.6)  # let whatever was handed to the encoder reach the caller
+    heard_ms = tone_ms(bytes(caller.audio))
+    # Playback stops within a frame; what the caller heard matches audio_end_ms.
+    assert abs(heard_ms - truncate["audio_end_ms"]) <= 40, (heard_ms, truncate["audio_end_ms"])
+    assert 1000 <= truncate["audio_end_ms"] < 2500
+    assert not [e for e in caller.events if e["type"] == "error"]  # the stub accepted the truncation
+
+
+async def test_output_audio_buffer_clear_from_the_page_stops_playback_and_truncates(bridge, stub, new_caller):
+    caller, session = await connected_call(bridge, stub, new_caller)
+    await stub.respond(session, freq=500, ms=4000)
+    await eventually(lambda: tone_ms(bytes(caller.audio)) >= 500, what="half a second of the reply")
+    caller.send_event({"type": "output_audio_buffer.clear"})
+    await caller.wait_event("output_audio_buffer.cleared")
+    await eventually(lambda: session.truncations, what="the truncate upstream")
+    assert not session.events_of("output_audio_buffer.clear")  # handled by the bridge, like OpenAI's endpoint
+    await asyncio.sleep(0.5)
+    assert tone_ms(bytes(caller.audio)) < 1500
+
+
+async def test_page_events_pass_the_policy_or_get_an_error_event(bridge, stub, new_caller):
+    caller, session = await connected_call(bridge, stub, new_caller)
+    caller.send_event({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+                       "content": [{"type": "input_text", "text": "hi"}]}})
+    await caller.next_event("conversation.item.done")
+    caller.send_event({"type": "input_audio_buffer.append", "audio": "AAAA"})
+    err = await caller.next_event("error")
+    assert err["error"]["code"] == "event_not_allowed"
+    caller.send_event("{not json")
+    assert (await caller.next_event("error"))["error"]["code"] == "invalid_json"
+    caller.send_event({"type": "session.update", "session": {"instructions": "be brief", "model": "other"}})
+    err = await caller.next_event("error")
+    assert err["error"]["code"] == "session_fields_not_allowed" and "model" in err["error"]["message"]
+    await eventually(lambda: len(session.events_of("session.update")) == 2, what="the filtered session.update")
+    assert session.events_of("session.update")[1]["session"] == {"instructions": "be brief"}
+    assert not session.events_of("input_audio_buffer.append")  # page audio only goes by RTP
+
+
+async def test_a_dropped_upstream_ends_the_call_and_the_page_is_told_why(bridge, stub, new_caller):
+    caller, session = await connected_call(bridge, stub, new_caller)
+    await stub.drop(1011, "model crashed")
+    err = await caller.next_event("error")
+    assert err["error"]["code"] == "upstream_closed"
+    assert "1011" in err["error"]["message"] and "model crashed" in err["error"]["message"]
+    await bridge.wait_no_calls()
+    await eventually(lambda: caller.pc.connectionState == "closed", what="the peer to close")
+
+
+async def test_an_upstream_that_refuses_gets_a_502_that_holds_no_secret(stub, start_bridge, new_caller):
+    stub.refuse_status = 401
+    bridge = await start_bridge(stub.url, api_key="sk-very-secret")
+    caller = new_caller(bridge.url)
+    with pytest.raises(RuntimeError) as exc:
+        await caller.connect()
+    status, body = str(exc.value).split(" ", 3)[2:4]
+    error = json.loads(body)["error"]
+    assert status == "502" and error["code"] == "upstream_unavailable"
+    assert "HTTP 401" in error["message"] and "sk-very-secret" not in body
+    assert bridge.registry.calls == {}
+
+
+async def test_an_unreachable_upstream_gets_a_502_naming_the_host(start_bridge, new_caller):
+    bridge = await start_bridge("ws://127.0.0.1:9/v1/realtime")  # nothing listens on port 9
+    caller = new_caller(bridge.url)
+    with pytest.raises(RuntimeError, match="502.*could not reach upstream ws://127.0.0.1:9/v1/realtime"):
+        await caller.connect()
+    assert bridge.registry.calls == {}
+
+
+async def test_the_api_key_goes_only_in_the_upstream_header(stub, start_bridge, new_caller):
+    bridge = await start_bridge(stub.url, api_key="sk-very-secret")
+    caller, session = await connected_call(bridge, stub, new_caller)
+    assert session.headers.get("authorization") == "Bearer sk-very-secret"
+    assert "sk-very-secret" not in json.dumps(caller.events)
+
+
+async def test_hangup_frees_every_resource_of_the_call(bridge, stub, new_caller):
+    caller, session = await connected_call(bridge, stub, new_caller, freq=300)
+    call = bridge.registry.calls[caller.call_id]
+    tasks = set(call._tasks)
+    assert await caller.hangup() == 200
+    await bridge.wait_no_calls()
+    assert call.pc.connectionState == "closed"
+    assert all(t.done() for t in tasks)
+    assert call.playback.readyState == "ended"
+    await eventually(lambda: session.ws.state.name == "CLOSED", what="the upstream socket to close")
+    await eventually(lambda: caller.pc.connectionState == "closed", what="the caller to see the close")
