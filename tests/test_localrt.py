@@ -1,0 +1,220 @@
+"""The local backend, driven by the official `openai` SDK's realtime client over a real WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+
+import pytest
+from aiohttp import web
+from openai import AsyncOpenAI
+
+import settings as config
+from localrt.server import build_local_app
+from tests.speech import read_pcm, recognize, speech_wav
+
+UTTERANCE = "What is the weather like today?"
+
+
+@pytest.fixture
+async def local_url():
+    runner = web.AppRunner(build_local_app(config.from_raw({})))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    await runner.cleanup()
+
+
+@pytest.fixture(scope="module")
+def utterance_pcm(tmp_path_factory) -> bytes:
+    pcm, rate = read_pcm(speech_wav(UTTERANCE, tmp_path_factory.mktemp("speech") / "u.wav", rate=24000, pad_s=1.5))
+    assert rate == 24000
+    return pcm
+
+
+def sdk(url: str) -> AsyncOpenAI:
+    return AsyncOpenAI(api_key="local-no-key-needed", base_url=url)
+
+
+async def until(conn, kind: str, timeout: float = 20.0, seen: list | None = None):
+    async def scan():
+        async for event in conn:
+            if seen is not None:
+                seen.append(event)
+            if event.type == kind:
+                return event
+    return await asyncio.wait_for(scan(), timeout)
+
+
+async def stream_realtime(conn, pcm: bytes, speed: float = 1.0) -> None:
+    """Send 20 ms appends paced like a live microphone."""
+    start = time.monotonic()
+    for n, i in enumerate(range(0, len(pcm), 960)):
+        await conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + 960]).decode())
+        wait = start + (n + 1) * 0.02 / speed - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
+async def test_session_update_round_trip_returns_the_full_effective_config(local_url):
+    async with sdk(local_url).realtime.connect(model="local-test") as conn:
+        created = await until(conn, "session.created")
+        assert created.session.model == "local-test"
+        await conn.session.update(session={"type": "realtime", "instructions": "Be terse.",
+                                           "audio": {"output": {"voice": "coral", "speed": 1.2},
+                                                     "input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 400}}}})
+        updated = await until(conn, "session.updated")
+        s = updated.session
+        assert s.instructions == "Be terse."
+        assert s.audio.output.voice == "coral" and s.audio.output.speed == 1.2
+        assert s.audio.input.turn_detection.silence_duration_ms == 400
+        assert s.audio.input.turn_detection.threshold == 0.5  # unchanged fields stay
+        assert s.audio.input.format.rate == 24000
+
+
+async def test_invalid_session_values_get_an_error_with_param_and_change_nothing(local_url):
+    async with sdk(local_url).realtime.connect(model="m") as conn:
+        await until(conn, "session.created")
+        await conn.send({"type": "session.update", "session": {"type": "realtime",
+                         "audio": {"input": {"turn_detection": {"type": "server_vad", "threshold": 2}}}}})
+        err = await until(conn, "error")
+        assert err.error.param == "session.audio.input.turn_detection.threshold"
+        await conn.session.update(session={"type": "realtime", "instructions": "still alive"})
+        assert (await until(conn, "session.updated")).session.audio.input.turn_detection.threshold == 0.5
+
+
+async def test_a_spoken_utterance_is_detected_transcribed_and_answered_with_recognisable_speech(local_url, utterance_pcm):
+    async with sdk(local_url).realtime.connect(model="m") as conn:
+        await until(conn, "session.created")
+        await conn.session.update(session={"type": "realtime", "audio": {"input": {
+            "transcription": {"model": "whisper-1"},
+            "turn_detection": {"type": "server_vad", "threshold": 0.5, "silence_duration_ms": 500}}}})
+        await until(conn, "session.updated")
+        seen: list = []
+        sender = asyncio.ensure_future(stream_realtime(conn, utterance_pcm))
+        started = await until(conn, "input_audio_buffer.speech_started", seen=seen)
+        stopped = await until(conn, "input_audio_buffer.speech_stopped", seen=seen)
+        assert 0 <= started.audio_start_ms < stopped.audio_end_ms
+        assert started.item_id == stopped.item_id
+        spoken_ms = len(utterance_pcm) // 48
+        assert stopped.audio_end_ms <= spoken_ms
+        transcript = await until(conn, "conversation.item.input_audio_transcription.completed", seen=seen)
+        assert "weather" in transcript.transcript.lower()
+        done = await until(conn, "response.done", seen=seen)
+        await sender
+        assert done.response.status == "completed"
+        kinds = [e.type for e in seen]
+        first = {k: kinds.index(k) for k in set(kinds)}
+        last = {k: len(kinds) - 1 - kinds[::-1].index(k) for k in set(kinds)}
+        deltas = ("response.output_audio.delta", "response.output_audio_transcript.delta")
+        assert first["response.created"] < first["response.output_item.added"] < first["response.content_part.added"] \
+            < min(first[d] for d in deltas)
+        assert max(last[d] for d in deltas) < first["response.output_audio.done"] \
+            < first["response.output_audio_transcript.done"] < first["response.content_part.done"] \
+            < first["response.output_item.done"] < first["response.done"]
+        reply = b"".join(base64.b64decode(e.delta) for e in seen if e.type == "response.output_audio.delta")
+        text = next(e.transcript for e in seen if e.type == "response.output_audio_transcript.done")
+        assert "weather" in text.lower() and text.startswith("You said")
+        heard = recognize(reply, 24000).lower()
+        assert {"weather", "said"} & set(heard.split()), heard
+        assert done.response.usage.total_tokens > 0
+
+
+async def test_client_committed_turns_and_the_empty_commit_error(local_url, utterance_pcm):
+    async with sdk(local_url).realtime.connect(model="m") as conn:
+        await until(conn, "session.created")
+        await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None,
+                                                                                   "transcription": {"model": "x"}}}})
+        await until(conn, "session.updated")
+        await conn.input_audio_buffer.append(audio=base64.b64encode(utterance_pcm[:2400]).decode())  # 50 ms
+        await conn.input_audio_buffer.commit()
+        assert (await until(conn, "error")).error.code == "input_audio_buffer_commit_empty"
+        await conn.input_audio_buffer.clear()
+        await until(conn, "input_audio_buffer.cleared")
+        for i in range(0, len(utterance_pcm), 48000):
+            await conn.input_audio_buffer.append(audio=base64.b64encode(utterance_pcm[i:i + 48000]).decode())
+        await conn.input_audio_buffer.commit()
+        committed = await until(conn, "input_audio_buffer.committed")
+        transcript = await until(conn, "conversation.item.input_audio_transcription.completed")
+        assert transcript.item_id == committed.item_id and "weather" in transcript.transcript
+        await conn.response.create()
+        done = await until(conn, "response.done")
+        assert done.response.status == "completed"
+
+
+LONG_TEXT = " ".join(f"Sentence number {i} is here." for i in range(30))
+
+
+async def test_cancel_ends_the_active_response_and_cancel_without_one_is_an_error(local_url):
+    async with sdk(local_url).realtime.connect(model="m") as conn:
+        await until(conn, "session.created")
+        await conn.response.cancel()
+        assert (await until(conn, "error")).error.code == "response_cancel_not_active"
+        await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                  "content": [{"type": "input_text", "text": LONG_TEXT}]})
+        await conn.response.create()
+        await until(conn, "response.output_audio.delta")
+        await conn.response.create()
+        assert (await until(conn, "error")).error.code == "conversation_already_has_active_response"
+        await conn.response.cancel()
+        done = await until(conn, "response.done")
+        assert done.response.status == "cancelled"
+
+
+async def test_truncate_cuts_the_transcript_to_what_was_heard_and_refuses_beyond_the_audio(local_url):
+    async with sdk(local_url).realtime.connect(model="m") as conn:
+        await until(conn, "session.created")
+        await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                  "content": [{"type": "input_text", "text": "one two three. four five six."}]})
+        await conn.response.create()
+        seen: list = []
+        done = await until(conn, "response.done", seen=seen)
+        item_id = done.response.output[0].id
+        audio_ms = sum(len(base64.b64decode(e.delta)) for e in seen if e.type == "response.output_audio.delta") // 48
+        await conn.conversation.item.truncate(item_id=item_id, content_index=0, audio_end_ms=audio_ms + 100)
+        err = await until(conn, "error")
+        assert err.error.param == "audio_end_ms" and "shorter" in err.error.message
+        await conn.conversation.item.truncate(item_id=item_id, content_index=0, audio_end_ms=audio_ms // 3)
+        truncated = await until(conn, "conversation.item.truncated")
+        assert truncated.audio_end_ms == audio_ms // 3
+        await conn.conversation.item.retrieve(item_id=item_id)
+        item = (await until(conn, "conversation.item.retrieved")).item
+        heard = item.content[0].transcript
+        full = next(e.transcript for e in seen if e.type == "response.output_audio_transcript.done")
+        assert heard and len(heard) < len(full) and full.startswith(heard.rstrip(".")[:5])
+        await conn.conversation.item.delete(item_id=item_id)
+        assert (await until(conn, "conversation.item.deleted")).item_id == item_id
+        await conn.conversation.item.retrieve(item_id=item_id)
+        assert (await until(conn, "error")).error.code == "item_not_found"
+
+
+async def test_malformed_and_unknown_events_get_errors_and_the_session_stays_open(local_url):
+    async with sdk(local_url).realtime.connect(model="m") as conn:
+        await until(conn, "session.created")
+        ws = conn._connection  # the SDK's raw socket, to send what the SDK would refuse to build
+        await ws.send("{not json")
+        assert (await until(conn, "error")).error.code == "invalid_json"
+        await ws.send('{"type":"no.such.event"}')
+        assert (await until(conn, "error")).error.code == "unknown_event_type"
+        await ws.send('{"type":"input_audio_buffer.append","audio":"***"}')
+        assert (await until(conn, "error")).error.param == "audio"
+        await conn.session.update(session={"type": "realtime", "instructions": "ok"})
+        await until(conn, "session.updated")
+
+
+async def test_two_spoken_sessions_at_once_both_complete(local_url, utterance_pcm):
+    async def one() -> str:
+        async with sdk(local_url).realtime.connect(model="m") as conn:
+            await until(conn, "session.created")
+            await conn.session.update(session={"type": "realtime", "audio": {"input": {"transcription": {"model": "x"}}}})
+            await until(conn, "session.updated")
+            sender = asyncio.ensure_future(stream_realtime(conn, utterance_pcm))
+            transcript = await until(conn, "conversation.item.input_audio_transcription.completed", timeout=30)
+            done = await until(conn, "response.done", timeout=30)
+            await sender
+            assert done.response.status == "completed"
+            return transcript.transcript
+
+    a, b = await asyncio.gather(one(), one())
+    assert "weather" in a and "weather" in b
