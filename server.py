@@ -47,9 +47,9 @@ async def serve(settings: config.Settings, ready: Optional[asyncio.Event] = None
                                          settings.local_responder)
     app = build_app(settings, settings.upstream_url(local_url))
     if local_url:
-        from localrt.server import add_local_routes
+        from localrt.server import STT_POOL, add_local_routes
 
-        add_local_routes(app, settings)  # also offered to outside clients at /v1/realtime
+        add_local_routes(app, settings, local_app[STT_POOL])  # also offered to outside clients at /v1/realtime
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     ssl_context = None
@@ -73,6 +73,7 @@ async def serve(settings: config.Settings, ready: Optional[asyncio.Event] = None
         await stop.wait()
     finally:
         logging.getLogger("server").info("shutting down")
+        # the public app first (drains calls), the local backend it talks to last
         for r in runners:
             await r.cleanup()
 

@@ -17,12 +17,14 @@ from settings import Settings
 
 from .responder import make_responder
 from .session import MAX_MESSAGE_BYTES, LocalSession
+from .stt import STTPool
 from .tts import espeak_available
 
 logger = logging.getLogger(__name__)
 
 SESSIONS = web.AppKey("local_sessions", set)
 LOCAL_SETTINGS = web.AppKey("local_settings", Settings)
+STT_POOL = web.AppKey("stt_pool", STTPool)
 
 
 async def realtime_ws(request: web.Request) -> web.StreamResponse:
@@ -47,7 +49,7 @@ async def realtime_ws(request: web.Request) -> web.StreamResponse:
             await ws.send_str(events.dumps(event))
 
     session = LocalSession(send, make_responder(settings.local_responder, settings.local_llm_model),
-                           model=request.query.get("model", "local"), voice=settings.voice,
+                           request.app[STT_POOL], model=request.query.get("model", "local"), voice=settings.voice,
                            instructions=settings.instructions)
     request.app[SESSIONS].add(session)
     logger.info("local session %s opened (%d active)", session.id, len(request.app[SESSIONS]))
@@ -68,10 +70,11 @@ async def realtime_ws(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-def add_local_routes(app: web.Application, settings: Settings) -> None:
-    if SESSIONS not in app:
-        app[SESSIONS] = set()
-        app[LOCAL_SETTINGS] = settings
+def add_local_routes(app: web.Application, settings: Settings, pool: STTPool) -> None:
+    """Serve the backend at /v1/realtime of `app`, sharing `pool` (owned by the local app)."""
+    app[SESSIONS] = set()
+    app[LOCAL_SETTINGS] = settings
+    app[STT_POOL] = pool
     app.router.add_get("/v1/realtime", realtime_ws)
 
 
@@ -83,5 +86,13 @@ def build_local_app(settings: Settings) -> web.Application:
     except ValueError as exc:
         raise SystemExit(f"config error: --local-responder (LOCAL_RESPONDER) = {settings.local_responder!r}: {exc}") from None
     app = web.Application()
-    add_local_routes(app, settings)
+    pool = STTPool()
+    add_local_routes(app, settings, pool)
+
+    async def lifecycle(app: web.Application):
+        await pool.start()  # workers load their models now, not on the first utterance
+        yield
+        await pool.close()
+
+    app.cleanup_ctx.append(lifecycle)
     return app

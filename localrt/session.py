@@ -25,7 +25,7 @@ from realtime import events
 from realtime.events import Client, ErrorCode, Event, Server
 
 from .responder import Responder, ResponderError
-from .stt import Transcriber
+from .stt import STTPool, Transcriber
 from .tts import TTSError, synthesize
 from .vad import VAD_RATE, TurnDetector
 
@@ -66,8 +66,8 @@ class Resampler16k:
 
 
 class LocalSession:
-    def __init__(self, send: Send, responder: Responder, *, model: str = "local", voice: str = "alloy",
-                 instructions: str = "") -> None:
+    def __init__(self, send: Send, responder: Responder, stt: STTPool, *, model: str = "local",
+                 voice: str = "alloy", instructions: str = "") -> None:
         self._send_raw = send
         self.responder = responder
         self.id = events.new_id("sess")
@@ -91,7 +91,7 @@ class LocalSession:
         self._recent16k = bytearray()  # last second at 16 kHz, for prefix padding
         self._detector: Optional[TurnDetector] = None
         self._turn_item: Optional[str] = None
-        self._stt = Transcriber()
+        self._stt = Transcriber(stt)
         self._stt_jobs: asyncio.Queue = asyncio.Queue()
         self._stt_worker = asyncio.get_running_loop().create_task(self._run_stt())
         self._response: Optional[asyncio.Task] = None
@@ -114,6 +114,7 @@ class LocalSession:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._stt.close()
 
     async def _error(self, message: str, code: str, param: Optional[str] = None, client_event_id: Optional[str] = None) -> None:
         await self.send(events.error(message, code=code, param=param, client_event_id=client_event_id))

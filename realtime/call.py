@@ -115,20 +115,22 @@ class Call:
 
     # -- ending --------------------------------------------------------------------
 
-    def end(self, reason: str, *, code: str = ErrorCode.CALL_ENDED, tell_page: bool = True) -> None:
+    def end(self, reason: str, *, code: str = ErrorCode.CALL_ENDED, tell_page: bool = True,
+            wait_for_page: bool = False) -> None:
+        """End the call once. `wait_for_page`: if the page's channel is not open yet,
+        give it a moment to open so the page learns why (for failures early in a call)."""
         if self.reason is not None:
             return
         self.reason = reason
-        self._teardown_task = asyncio.get_running_loop().create_task(self._teardown(code, tell_page))
+        self._teardown_task = asyncio.get_running_loop().create_task(
+            self._teardown(code, tell_page, wait_for_page))
 
     async def wait_closed(self) -> None:
         await self.closed.wait()
 
-    async def _teardown(self, code: str, tell_page: bool) -> None:
+    async def _teardown(self, code: str, tell_page: bool, wait_for_page: bool) -> None:
         try:
-            if tell_page and self.channel is None and self.pc.connectionState in ("new", "connecting", "connected"):
-                # Ended before the page's channel opened: give it a moment, so the
-                # page learns why instead of seeing a silent hang-up.
+            if wait_for_page and self.channel is None and self.pc.connectionState in ("new", "connecting", "connected"):
                 try:
                     await asyncio.wait_for(self._channel_ready.wait(), 3.0)
                 except asyncio.TimeoutError:
@@ -183,7 +185,7 @@ class Call:
         if exc is None:
             return
         if isinstance(exc, UpstreamError):
-            self.end(str(exc), code=ErrorCode.UPSTREAM_CLOSED)
+            self.end(str(exc), code=ErrorCode.UPSTREAM_CLOSED, wait_for_page=True)
         elif isinstance(exc, (MicTimeout, CallEnded)):
             self.end(str(exc))
         else:

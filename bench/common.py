@@ -1,0 +1,103 @@
+"""Shared bits of the benchmarks: percentiles, machine description, result files, processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def pcts(values: Iterable[float], digits: int = 1) -> dict:
+    v = np.asarray(list(values), dtype=float)
+    if v.size == 0:
+        return {"n": 0, "p50": None, "p95": None, "p99": None, "max": None}
+    return {"n": int(v.size), "p50": round(float(np.percentile(v, 50)), digits),
+            "p95": round(float(np.percentile(v, 95)), digits), "p99": round(float(np.percentile(v, 99)), digits),
+            "max": round(float(v.max()), digits)}
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "kernel": platform.release()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_result(name: str, data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]), **data}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+class ProcStats:
+    """CPU seconds, RSS, fds and threads of a process, from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu_seconds(self) -> float:
+        fields = open(f"/proc/{self.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / self._tick  # utime + stime
+
+    def rss_mb(self) -> float:
+        for line in open(f"/proc/{self.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def threads(self) -> int:
+        for line in open(f"/proc/{self.pid}/status"):
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+        return 0
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+
+def start_process(args: list[str], env: Optional[dict] = None, log: Optional[Path] = None) -> subprocess.Popen:
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "REALTIME_API_KEY", "REALTIME_URL")}
+    full_env.update(env or {})
+    out = open(log, "w") if log else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
