@@ -70,10 +70,16 @@ class SourceTrack(MediaStreamTrack):
 
 
 class Caller:
-    def __init__(self, base_url: str) -> None:
+    """`source`: the track to send (default: a programmable `SourceTrack`).
+    `keep_audio`: store the decoded model audio; `on_frame(frame, arrival)`: see every decoded frame."""
+
+    def __init__(self, base_url: str, *, source: Optional[MediaStreamTrack] = None, keep_audio: bool = True,
+                 on_frame=None) -> None:
         self.base_url = base_url.rstrip("/")
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.source = SourceTrack()
+        self.source = source or SourceTrack()
+        self.keep_audio = keep_audio
+        self.on_frame = on_frame
         self.events: list[dict] = []
         self.event_times: list[float] = []
         self.audio = bytearray()  # decoded model audio, 48 kHz mono s16
@@ -107,9 +113,13 @@ class Caller:
         try:
             while True:
                 frame = await track.recv()
-                pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0].astype("<i2").tobytes()
-                self.audio += pcm
-                self.audio_frames.append((time.monotonic(), len(self.audio)))
+                now = time.monotonic()
+                if self.on_frame is not None:
+                    self.on_frame(frame, now)
+                if self.keep_audio:
+                    pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels))[:, 0].astype("<i2").tobytes()
+                    self.audio += pcm
+                    self.audio_frames.append((now, len(self.audio)))
         except MediaStreamError:
             pass
 

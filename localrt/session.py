@@ -17,10 +17,10 @@ import re
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
-import av
 import numpy as np
 
 from media.audio import REALTIME_RATE, samples_to_ms
+from media.resample import StreamResampler
 from realtime import events
 from realtime.events import Client, ErrorCode, Event, Server
 
@@ -57,12 +57,10 @@ class Resampler16k:
     """24 kHz PCM16 → 16 kHz PCM16 (the rate of silero and pocketsphinx), stateful."""
 
     def __init__(self) -> None:
-        self._r = av.AudioResampler(format="s16", layout="mono", rate=VAD_RATE)
+        self._r = StreamResampler(VAD_RATE)
 
     def __call__(self, pcm24: bytes) -> bytes:
-        frame = av.AudioFrame.from_ndarray(np.frombuffer(pcm24, dtype="<i2").reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = REALTIME_RATE
-        return b"".join(f.to_ndarray().tobytes() for f in self._r.resample(frame))
+        return self._r.pcm(pcm24, REALTIME_RATE).tobytes()
 
 
 class LocalSession:

@@ -13,10 +13,8 @@ import shutil
 import struct
 from typing import AsyncIterator
 
-import av
-import numpy as np
-
 from media.audio import REALTIME_RATE
+from media.resample import StreamResampler
 
 # OpenAI voice names → espeak-ng voices (variants differ in pitch and timbre).
 VOICES = {
@@ -51,7 +49,7 @@ async def synthesize(text: str, voice: str = "alloy", speed: float = 1.0) -> Asy
         if header[:4] != b"RIFF":
             raise TTSError("espeak-ng did not produce WAV audio")
         rate = struct.unpack("<I", header[24:28])[0]
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=REALTIME_RATE)
+        resampler = StreamResampler(REALTIME_RATE)
         carry = b""
         while True:
             data = await proc.stdout.read(8192)
@@ -61,10 +59,7 @@ async def synthesize(text: str, voice: str = "alloy", speed: float = 1.0) -> Asy
             usable = len(data) - len(data) % 2
             carry = data[usable:]
             if usable:
-                yield _resample(resampler, data[:usable], rate)
-        tail = b"".join(f.to_ndarray().tobytes() for f in resampler.resample(None))
-        if tail:
-            yield tail
+                yield resampler.pcm(data[:usable], rate).tobytes()
         await proc.wait()
     except asyncio.IncompleteReadError:
         err = (await proc.stderr.read()).decode(errors="replace").strip() if proc.stderr else ""
@@ -73,9 +68,3 @@ async def synthesize(text: str, voice: str = "alloy", speed: float = 1.0) -> Asy
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-
-
-def _resample(resampler: av.AudioResampler, pcm: bytes, rate: int) -> bytes:
-    frame = av.AudioFrame.from_ndarray(np.frombuffer(pcm, dtype="<i2").reshape(1, -1), format="s16", layout="mono")
-    frame.sample_rate = rate
-    return b"".join(f.to_ndarray().tobytes() for f in resampler.resample(frame))

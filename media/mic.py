@@ -22,6 +22,7 @@ import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .audio import REALTIME_RATE
+from .resample import StreamResampler
 
 logger = logging.getLogger(__name__)
 
@@ -42,22 +43,16 @@ class MicStats:
 
 
 class Downsampler:
-    """One stateful resampler per call: any layout/rate in, 24 kHz mono PCM16 bytes out."""
+    """One stateful resampler per call: any layout/rate in, 24 kHz mono PCM16 bytes out.
+
+    The frame's pts is overwritten (the resampler needs a continuous timeline;
+    gaps are accounted for by the pump), so read it before calling this."""
 
     def __init__(self) -> None:
-        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=REALTIME_RATE)
-        self._source: Optional[tuple] = None
+        self._resampler = StreamResampler(REALTIME_RATE, "mono")
 
     def __call__(self, frame: av.AudioFrame) -> bytes:
-        source = (frame.format.name, frame.layout.name, frame.sample_rate)
-        if self._source is not None and source != self._source:
-            # av's resampler fixes itself to the first frame's format; a change
-            # (renegotiation) needs a fresh one rather than a ValueError.
-            self._resampler = av.AudioResampler(format="s16", layout="mono", rate=REALTIME_RATE)
-        self._source = source
-        # pts is irrelevant to us and a gap in it makes av insert silence of its own.
-        frame.pts = None
-        return b"".join(out.to_ndarray().tobytes() for out in self._resampler.resample(frame))
+        return self._resampler.frame(frame).tobytes()
 
 
 class MicPump:

@@ -31,6 +31,7 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from .resample import StreamResampler
 from .audio import FRAME_BYTES, FRAME_MS, FRAME_SAMPLES, REALTIME_RATE, RTP_RATE, samples_to_ms
 
 logger = logging.getLogger(__name__)
@@ -51,14 +52,11 @@ class Upsampler:
     """24 kHz mono PCM16 → exactly one 20 ms frame of 48 kHz stereo s16 per call."""
 
     def __init__(self) -> None:
-        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=RTP_RATE)
+        self._resampler = StreamResampler(RTP_RATE, "mono")
         self._fifo = np.zeros(0, dtype="<i2")
 
     def __call__(self, pcm: bytes) -> av.AudioFrame:
-        src = av.AudioFrame.from_ndarray(np.frombuffer(pcm, dtype="<i2").reshape(1, -1), format="s16", layout="mono")
-        src.sample_rate = REALTIME_RATE
-        out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(src)]
-        fifo = np.concatenate([self._fifo, *out])
+        fifo = np.concatenate([self._fifo, self._resampler.pcm(pcm, REALTIME_RATE)])
         if fifo.size < OUT_FRAME_SAMPLES:
             # Only at the start: the filter holds back a few samples. Prime with
             # silence once so every later call has a whole frame ready.

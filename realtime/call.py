@@ -150,6 +150,12 @@ class Call:
                 pass
             self.playback.stop()
             await self.pc.close()
+            # Break the call's reference cycles (peer ↔ handlers ↔ call) so the
+            # codecs and their buffers go now, by refcount, not at the next GC.
+            self.pc.remove_all_listeners()
+            self.playback.on_started = self.playback.on_stopped = None
+            if self.channel is not None:
+                self.channel.remove_all_listeners()
         finally:
             mic = self.mic.stats if self.mic else None
             pb = self.playback.stats

@@ -7,6 +7,7 @@ from aiohttp import web
 from settings import Settings
 
 from .cors import Cors
+from . import metrics
 from .errors import error_middleware
 from .routes import REGISTRY, SETTINGS, CallRegistry, add_routes
 
@@ -16,6 +17,7 @@ def build_app(settings: Settings, upstream_url: str) -> web.Application:
     app[SETTINGS] = settings
     app[REGISTRY] = CallRegistry(settings, upstream_url)
     add_routes(app)
+    metrics.install(app)
 
     async def drain_calls(app: web.Application) -> None:
         await app[REGISTRY].close_all("server shutting down")

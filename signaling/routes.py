@@ -207,6 +207,39 @@ async def healthz(request: web.Request) -> web.Response:
     })
 
 
+def _since(request: web.Request) -> float:
+    try:
+        return min(300.0, max(0.1, float(request.query.get("since", "60"))))
+    except ValueError:
+        return 60.0
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Process health as JSON; `?since=SECONDS` sets the loop-lag window (default 60)."""
+    from .metrics import LOOP_LAG, percentiles, process_stats
+
+    registry = request.app[REGISTRY]
+    calls = list(registry.calls.values())
+    lateness = [x for c in calls for x in c.playback.stats.lateness_ms]
+    return web.json_response({
+        "active_calls": len(calls),
+        "total_calls": registry.total,
+        "loop_lag_ms": request.app[LOOP_LAG].summary(_since(request)) if LOOP_LAG in request.app else None,
+        "playback": {
+            "frames": sum(c.playback.stats.frames for c in calls),
+            "late_frames": sum(c.playback.stats.late_frames for c in calls),
+            "reanchors": sum(c.playback.stats.reanchors for c in calls),
+            "lateness_ms": percentiles(lateness),
+        },
+        "mic": {
+            "frames": sum(c.mic.stats.frames for c in calls if c.mic),
+            "lost_frames": sum(c.mic.stats.lost_frames for c in calls if c.mic),
+            "concealed_ms": round(sum(c.mic.stats.concealed_ms for c in calls if c.mic), 1),
+        },
+        "process": process_stats(),
+    })
+
+
 async def page_config(request: web.Request) -> web.Response:
     return web.json_response({"ice_servers": request.app[SETTINGS].ice_config()})
 
@@ -219,6 +252,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/realtime/calls", create_call)
     app.router.add_post("/v1/realtime/calls/{call_id}/hangup", hangup)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/config.json", page_config)
     app.router.add_get("/", index)
     app.router.add_static("/client/", CLIENT_DIR, append_version=False)

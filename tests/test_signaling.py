@@ -132,3 +132,18 @@ async def test_the_page_is_served(bridge):
             assert r.status == 200 and "oai-events" in await r.text()
         async with http.get(bridge.url + "/config.json") as r:
             assert (await r.json()) == {"ice_servers": []}
+
+
+async def test_metrics_report_calls_loop_lag_and_audio_health(bridge, new_caller):
+    c = new_caller(bridge.url)
+    c.source.freq = 440
+    await c.connect()
+    import asyncio
+    await asyncio.sleep(0.5)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(bridge.url + "/metrics") as r:
+            m = await r.json()
+    assert m["active_calls"] == 1
+    assert m["mic"]["frames"] > 5 and m["playback"]["frames"] > 5
+    assert set(m["loop_lag_ms"]) == {"p50", "p99", "max"}
+    assert m["process"]["threads"] > 0 and m["process"]["rss_mb"] > 0
