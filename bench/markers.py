@@ -1,8 +1,10 @@
-"""Audio markers for latency: a loud 20 ms 3 kHz burst over a quiet 440 Hz bed.
+"""Audio markers for latency: a loud 20 ms burst over a quiet 440 Hz bed.
 
 The bed (-30 dBFS) makes gaps measurable (concealed loss is exact silence); the
-burst (-5 dBFS) makes onsets unambiguous. Sender and receiver note the monotonic
-time of each burst; processes on one machine share that clock.
+burst (-5 dBFS) makes onsets unambiguous. Each burst carries a code (its
+frequency: one of 8, by index), so a lost marker can never be mistaken for the
+next one. Sender and receiver note the monotonic time of each burst; processes
+on one machine share that clock.
 """
 
 from __future__ import annotations
@@ -18,19 +20,30 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 BED_LEVEL = 0.03
 BURST_LEVEL = 0.6
-BURST_HZ = 3000
+BURST_BASE_HZ = 1000
+BURST_STEP_HZ = 500
+CODES = 8  # codes repeat every 8 markers (4 s)
 BED_HZ = 440
 ONSET = 0.3  # |x| above this (of full scale) is a burst
 QUIET = 0.005  # |x| below this for a whole run is a gap
 PERIOD_FRAMES = 25  # a marker every 500 ms
 
 
-def marker_frame(rate: int, n: int, burst: bool, phase: int) -> np.ndarray:
+def marker_frame(rate: int, n: int, burst: bool, phase: int, code: int = 0) -> np.ndarray:
     t = (np.arange(n) + phase) / rate
     x = BED_LEVEL * np.sin(2 * np.pi * BED_HZ * t)
     if burst:
-        x = x + BURST_LEVEL * np.sin(2 * np.pi * BURST_HZ * t)
+        x = x + BURST_LEVEL * np.sin(2 * np.pi * (BURST_BASE_HZ + BURST_STEP_HZ * (code % CODES)) * t)
     return (x * 32767).astype("<i2")
+
+
+def decode(x: np.ndarray, rate: int) -> int:
+    """The code of a burst from its strongest frequency above the bed."""
+    spectrum = np.abs(np.fft.rfft(x.astype(np.float32) * np.hanning(x.size)))
+    freqs = np.fft.rfftfreq(x.size, 1 / rate)
+    spectrum[freqs < 700] = 0
+    f = freqs[int(np.argmax(spectrum))]
+    return int(round((f - BURST_BASE_HZ) / BURST_STEP_HZ)) % CODES
 
 
 class MarkerSource(MediaStreamTrack):
@@ -41,7 +54,7 @@ class MarkerSource(MediaStreamTrack):
     def __init__(self, period: int = PERIOD_FRAMES, offset: int = 10) -> None:
         super().__init__()
         self.period, self.offset = period, offset
-        self.sent: list[float] = []
+        self.sent: list[tuple[float, int]] = []  # (monotonic, code)
         self._n = 0
         self._start: Optional[float] = None
 
@@ -55,14 +68,15 @@ class MarkerSource(MediaStreamTrack):
             if wait > 0:
                 await asyncio.sleep(wait)
         burst = self._n % self.period == self.offset
-        frame = av.AudioFrame.from_ndarray(marker_frame(48000, 960, burst, self._n * 960).reshape(1, -1),
+        code = len(self.sent) % CODES
+        frame = av.AudioFrame.from_ndarray(marker_frame(48000, 960, burst, self._n * 960, code).reshape(1, -1),
                                            format="s16", layout="mono")
         frame.sample_rate = 48000
         frame.time_base = fractions.Fraction(1, 48000)
         frame.pts = self._n * 960
         self._n += 1
         if burst:
-            self.sent.append(time.monotonic())  # handed to the encoder now
+            self.sent.append((time.monotonic(), code))  # handed to the encoder now
         return frame
 
 
@@ -71,7 +85,7 @@ class OnsetDetector:
 
     def __init__(self, rate: int) -> None:
         self.rate = rate
-        self.onsets: list[float] = []
+        self.onsets: list[tuple[float, int]] = []  # (arrival, code)
         self.gaps_ms: list[float] = []
         self._loud = False
         self._quiet_run = 0
@@ -83,7 +97,7 @@ class OnsetDetector:
             self._quiet_run += missing_samples
         loud = bool(x.size) and float(x.max()) > ONSET
         if loud and not self._loud:
-            self.onsets.append(arrival)
+            self.onsets.append((arrival, decode(pcm, self.rate)))
         self._loud = loud
         # silence runs, sample-accurate at the block's edges
         q = x < QUIET
@@ -106,15 +120,23 @@ class OnsetDetector:
         self._quiet_run = 0
 
 
-def pair(sent: list[float], seen: list[float], window: float = 0.45) -> tuple[list[float], int]:
-    """Latencies (ms) of markers matched to the first onset within `window` after each; and how many were lost."""
-    latencies, lost, j = [], 0, 0
-    for s in sent:
-        while j < len(seen) and seen[j] < s:
-            j += 1
-        if j < len(seen) and seen[j] - s < window:
-            latencies.append((seen[j] - s) * 1000)
-            j += 1
+def pair(sent: list[tuple[float, int]], seen: list[tuple[float, int]], window: float = 3.5) -> tuple[list[float], int]:
+    """Latencies (ms) of sent markers matched to the first unused onset with the same code
+    within `window` s after each (codes repeat every 4 s); and how many were lost."""
+    latencies, lost = [], 0
+    used = [False] * len(seen)
+    start = 0
+    for t, code in sent:
+        while start < len(seen) and seen[start][0] < t:
+            start += 1
+        for j in range(start, len(seen)):
+            at, c = seen[j]
+            if at - t >= window:
+                break
+            if not used[j] and c == code:
+                used[j] = True
+                latencies.append((at - t) * 1000)
+                break
         else:
             lost += 1
     return latencies, lost

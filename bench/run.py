@@ -90,13 +90,13 @@ class ProbeCall:
         return pair(self.up.sent_markers, self.down.onsets) if self.up else ([], 0)
 
     def round_trip_ms(self) -> tuple[list[float], int]:
-        return pair(self.source.sent, self.down.onsets, window=0.9)
+        return pair(self.source.sent, self.down.onsets)
 
 
 class Server:
-    def __init__(self, args: list[str], name: str) -> None:
+    def __init__(self, args: list[str], name: str, host: str = "127.0.0.1") -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.proc = start_process([*args, "--port", str(self.port)], log=RESULTS / f"{name}.log")
         wait_http(self.url + "/healthz")
         self.stats = ProcStats(self.proc.pid)
@@ -130,6 +130,16 @@ async def cpu_window(stats: ProcStats, seconds: float) -> float:
     c0, t0 = stats.cpu_seconds(), time.monotonic()
     await asyncio.sleep(seconds)
     return (stats.cpu_seconds() - c0) / (time.monotonic() - t0)
+
+
+def _matched_times(sent, seen) -> list[tuple[float, float]]:
+    """(send time, latency ms) for each marker that arrived."""
+    out = []
+    for t, code in sent:
+        lat, lost = pair([(t, code)], seen)
+        if lat:
+            out.append((t, lat[0]))
+    return out
 
 
 # -- sections ----------------------------------------------------------------------------
@@ -241,8 +251,9 @@ async def lossy(srv: Server, up: InstantUpstream, losses: list[float], seconds: 
         dnl, dn_lost = probe.downlink_ms()
         sent_up = probe.source.sent
         half = t0 + seconds / 2
-        first = [lat for s, lat in zip([s for s in sent_up], upl) if s < half]
-        second = [lat for s, lat in zip([s for s in sent_up], upl) if s >= half]
+        matched = _matched_times(sent_up, probe.up.detector.onsets)
+        first = [lat for s, lat in matched if s < half]
+        second = [lat for s, lat in matched if s >= half]
         rows.append({
             "loss_pct": loss * 100,
             "uplink_ms": pcts(upl), "uplink_first_half_ms": pcts(first), "uplink_second_half_ms": pcts(second),
@@ -252,7 +263,7 @@ async def lossy(srv: Server, up: InstantUpstream, losses: list[float], seconds: 
             "uplink_markers_lost": up_lost, "downlink_markers_lost": dn_lost, "markers_sent": len(sent_up),
             "packets": {"up_sent": imp.up.sent, "up_dropped": imp.up.dropped,
                         "down_sent": imp.down.sent, "down_dropped": imp.down.dropped},
-            "uplink_series": [(round(s - t0, 2), round(lat, 1)) for s, lat in zip(sent_up, upl)],
+            "uplink_series": [(round(s - t0, 2), round(lat, 1)) for s, lat in matched],
         })
         r = rows[-1]
         log(f"  loss {loss * 100:4.0f}%: uplink p50/p95 {r['uplink_ms']['p50']}/{r['uplink_ms']['p95']} ms "

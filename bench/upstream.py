@@ -23,13 +23,14 @@ from typing import Optional
 import numpy as np
 from websockets.asyncio.server import serve
 
-from bench.markers import PERIOD_FRAMES, OnsetDetector, marker_frame
+from bench.markers import CODES, PERIOD_FRAMES, OnsetDetector, marker_frame
 
 
 @dataclass
 class UpSession:
     detector: OnsetDetector = field(default_factory=lambda: OnsetDetector(24000))
-    sent_markers: list[float] = field(default_factory=list)
+    sent_markers: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, code)
+    arrivals: list[float] = field(default_factory=list)  # monotonic time of every append
     appends: int = 0
     task: Optional[asyncio.Task] = None
 
@@ -64,6 +65,7 @@ class InstantUpstream:
                 if kind == "input_audio_buffer.append":
                     pcm = base64.b64decode(event["audio"])
                     s.appends += 1
+                    s.arrivals.append(now)
                     s.detector.feed(np.frombuffer(pcm, dtype="<i2"), now)
                     if self.mode == "echo":
                         await ws.send(json.dumps({"type": "response.output_audio.delta", "response_id": "resp_echo",
@@ -88,12 +90,13 @@ class InstantUpstream:
                 n += 1
                 await asyncio.sleep(max(0.0, start + (n - lead) * 0.02 - time.monotonic()))
                 continue
-            pcm = marker_frame(24000, 480, burst, n * 480).tobytes()
+            code = len(s.sent_markers) % CODES
+            pcm = marker_frame(24000, 480, burst, n * 480, code).tobytes()
             await ws.send(json.dumps({"type": "response.output_audio.delta", "response_id": "resp_bench",
                                       "item_id": "item_bench", "output_index": 0, "content_index": 0,
                                       "delta": base64.b64encode(pcm).decode()}))
             if burst:
-                s.sent_markers.append(time.monotonic())
+                s.sent_markers.append((time.monotonic(), code))
             n += 1
             wait = start + (n - lead) * 0.02 - time.monotonic()
             if wait > 0:

@@ -9,7 +9,7 @@ dev=0
 [ "${1:-}" = "--dev" ] && dev=1
 
 debs=(espeak-ng)
-[ $dev = 1 ] && debs+=(chromium sox)
+[ $dev = 1 ] && debs+=(chromium sox nftables iproute2)
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
