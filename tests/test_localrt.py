@@ -218,3 +218,95 @@ async def test_two_spoken_sessions_at_once_both_complete(local_url, utterance_pc
 
     a, b = await asyncio.gather(one(), one())
     assert "weather" in a and "weather" in b
+
+
+async def test_a_chat_completions_server_answers_with_the_instructions_and_the_conversation(utterance_pcm):
+    """LOCAL_RESPONDER pointed at an OpenAI-compatible chat server (a real HTTP server streaming SSE)."""
+    import json as _json
+
+    seen_requests = []
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        seen_requests.append(body)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for piece in ["It is sunny. ", "Take a hat", "."]:
+            chunk = {"choices": [{"index": 0, "delta": {"content": piece}}]}
+            await resp.write(f"data: {_json.dumps(chunk)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    chat = web.Application()
+    chat.router.add_post("/v1/chat/completions", completions)
+    chat_runner = web.AppRunner(chat)
+    await chat_runner.setup()
+    await web.TCPSite(chat_runner, "127.0.0.1", 0).start()
+    chat_url = f"http://127.0.0.1:{chat_runner.addresses[0][1]}/v1"
+    runner = web.AppRunner(build_local_app(config.from_raw({"local_responder": chat_url, "local_llm_model": "tiny"})))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+        async with sdk(url).realtime.connect(model="m") as conn:
+            await until(conn, "session.created")
+            await conn.session.update(session={"type": "realtime", "instructions": "Answer about the weather."})
+            await until(conn, "session.updated")
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "Weather?"}]})
+            await conn.response.create()
+            seen: list = []
+            done = await until(conn, "response.done", seen=seen)
+        assert done.response.status == "completed"
+        transcript = next(e.transcript for e in seen if e.type == "response.output_audio_transcript.done")
+        assert transcript == "It is sunny. Take a hat."
+        # spoken sentence by sentence: audio for the first sentence precedes the second's transcript
+        kinds = [e.type for e in seen]
+        deltas = [i for i, k in enumerate(kinds) if k == "response.output_audio_transcript.delta"]
+        assert len(deltas) == 2 and "response.output_audio.delta" in kinds[deltas[0]:deltas[1]]
+        (req,) = seen_requests
+        assert req["model"] == "tiny" and req["stream"] is True
+        assert req["messages"] == [{"role": "system", "content": "Answer about the weather."},
+                                   {"role": "user", "content": "Weather?"}]
+    finally:
+        await runner.cleanup()
+        await chat_runner.cleanup()
+
+
+async def test_an_unreachable_chat_server_fails_the_response_with_an_error_not_the_session():
+    runner = web.AppRunner(build_local_app(config.from_raw({"local_responder": "http://127.0.0.1:9/v1"})))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        async with sdk(f"http://127.0.0.1:{runner.addresses[0][1]}/v1").realtime.connect(model="m") as conn:
+            await until(conn, "session.created")
+            await conn.response.create()
+            err = await until(conn, "error")
+            assert "chat server unreachable" in err.error.message
+            done = await until(conn, "response.done")
+            assert done.response.status == "failed"
+            await conn.session.update(session={"type": "realtime", "instructions": "still here"})
+            await until(conn, "session.updated")
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_oversized_event_gets_an_error_and_the_session_stays_open(local_url):
+    async with sdk(local_url).realtime.connect(model="m") as conn:
+        await until(conn, "session.created")
+        await conn._connection.send('{"type":"input_audio_buffer.append","audio":"' + "A" * (15 * 1024 * 1024) + '"}')
+        assert (await until(conn, "error")).error.code == "message_too_large"
+        await conn.session.update(session={"type": "realtime", "instructions": "ok"})
+        await until(conn, "session.updated")
+
+
+async def test_the_beta_handshake_is_refused_as_openai_does(local_url):
+    from websockets.asyncio.client import connect
+
+    ws_url = local_url.replace("http", "ws") + "/realtime"
+    async with connect(ws_url, additional_headers={"OpenAI-Beta": "realtime=v1"}) as ws:
+        import json as _json
+        event = _json.loads(await ws.recv())
+        assert event["error"]["code"] == "beta_api_shape_disabled"
+        await ws.wait_closed()
+        assert ws.close_code == 4000
