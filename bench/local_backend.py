@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import sys
 import tempfile
@@ -23,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from websockets.asyncio.client import connect  # noqa: E402
 
 from bench.common import free_port, pcts, start_process, write_result  # noqa: E402
+from realtime import events  # noqa: E402
+from realtime.events import Server  # noqa: E402
 from tests.speech import read_pcm, speech_wav  # noqa: E402
 
 SENTENCES = [
@@ -37,9 +38,9 @@ SENTENCES = [
 async def session(url: str, utterances: list[tuple[str, bytes]], results: list, transcripts: list) -> None:
     async with connect(url, max_size=None) as ws:
         await ws.recv()  # session.created
-        await ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
+        await ws.send(events.dumps(events.session_update({"type": "realtime", "audio": {"input": {
             "transcription": {"model": "local"},
-            "turn_detection": {"type": "server_vad", "threshold": 0.5, "silence_duration_ms": 500}}}}}))
+            "turn_detection": {"type": "server_vad", "threshold": 0.5, "silence_duration_ms": 500}}}})))
         queue: asyncio.Queue = asyncio.Queue()
 
         async def reader():
@@ -52,8 +53,7 @@ async def session(url: str, utterances: list[tuple[str, bytes]], results: list, 
             for text, pcm in utterances:
                 start = time.monotonic()
                 for n, i in enumerate(range(0, len(pcm), 960)):
-                    await ws.send(json.dumps({"type": "input_audio_buffer.append",
-                                              "audio": base64.b64encode(pcm[i:i + 960]).decode()}))
+                    await ws.send(events.dumps(events.input_audio_append(pcm[i:i + 960])))
                     wait = start + (n + 1) * 0.02 - time.monotonic()
                     if wait > 0:
                         await asyncio.sleep(wait)
@@ -61,14 +61,14 @@ async def session(url: str, utterances: list[tuple[str, bytes]], results: list, 
                 while True:
                     at, event = await asyncio.wait_for(queue.get(), 30)
                     kind = event["type"]
-                    if kind == "input_audio_buffer.speech_stopped":
+                    if kind == Server.SPEECH_STOPPED:
                         stopped_at = at
-                    elif kind == "conversation.item.input_audio_transcription.completed":
+                    elif kind == Server.INPUT_TRANSCRIPTION_COMPLETED:
                         transcripts.append((text, event["transcript"]))
-                    elif kind == "response.output_audio.delta" and stopped_at is not None:
+                    elif kind == Server.OUTPUT_AUDIO_DELTA and stopped_at is not None:
                         results.append((at - stopped_at) * 1000)
                         stopped_at = None
-                    elif kind == "response.done":
+                    elif kind == Server.RESPONSE_DONE:
                         break
         finally:
             read_task.cancel()

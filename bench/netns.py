@@ -15,7 +15,6 @@ so instead of inventing figures.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from websockets.asyncio.client import connect
 from bench.common import ROOT, free_port, pcts
 from bench.markers import pair
 from bench.upstream import InstantUpstream
+from realtime import events
 
 NS = "rtbench"
 HOST_IF, NS_IF = "rtb0", "rtb1"
@@ -85,8 +85,7 @@ class PcmRelay:
             try:
                 async for msg in ws:
                     if msg.type == WSMsgType.BINARY:
-                        await up.send(json.dumps({"type": "input_audio_buffer.append",
-                                                  "audio": base64.b64encode(msg.data).decode()}))
+                        await up.send(events.dumps(events.input_audio_append(msg.data)))
             finally:
                 drain.cancel()
         return ws

@@ -96,6 +96,8 @@ def write_report(r: dict) -> Path:
         f"| uplink: caller hands a marker frame to its encoder → upstream has it as 24 kHz PCM | {_p(r['latency']['uplink_ms'])} | {r['latency']['uplink_ms']['n']} (lost {r['latency']['uplink_lost']}) |",
         f"| downlink: upstream sends a marker delta → caller's decoded audio has it | {_p(r['latency']['downlink_ms'])} | {r['latency']['downlink_ms']['n']} (lost {r['latency']['downlink_lost']}) |",
         "",
+        f"{r['latency'].get('runs', 1)} call(s) of {r['latency']['seconds']} s; p50 of each call: uplink "
+        f"{r['latency'].get('spread', {}).get('uplink_p50')}, downlink {r['latency'].get('spread', {}).get('downlink_p50')}. "
         "Each includes one aiortc jitter buffer (≈80 ms fixed prefetch): the server's on the way up, the caller's on the way down.",
         "",
         f"![latency]({pics['latency']})",
@@ -155,10 +157,10 @@ def write_report(r: dict) -> Path:
         f"{b['bridge']['calls']} full-duplex calls each. The bridge's upstream echoes every append back as a delta, so both "
         "paths carry audio both ways; round trip = caller marker → back in the caller's decoded audio.",
         "",
-        "| | CPU per call (cores) | round trip p50/p95/p99/max ms | RSS MB |",
+        "| | CPU per call (cores, median; every run) | round trip p50/p95/p99/max ms | RSS MB |",
         "|---|---|---|---|",
-        f"| this bridge | {b['bridge']['cpu_per_call']} | {_p(b['bridge']['round_trip_ms'])} | {b['bridge']['rss_mb']} |",
-        f"| bare aiortc echo | {b['bare_aiortc_echo']['cpu_per_call']} | {_p(b['bare_aiortc_echo']['round_trip_ms'])} | {b['bare_aiortc_echo']['rss_mb']} |",
+        f"| this bridge | {b['bridge']['cpu_per_call']}; {b['bridge'].get('cpu_per_call_runs')} | {_p(b['bridge']['round_trip_ms'])} | {b['bridge']['rss_mb']} |",
+        f"| bare aiortc echo | {b['bare_aiortc_echo']['cpu_per_call']}; {b['bare_aiortc_echo'].get('cpu_per_call_runs')} | {_p(b['bare_aiortc_echo']['round_trip_ms'])} | {b['bare_aiortc_echo']['rss_mb']} |",
         f"| ratio | {b['ratios']['cpu_per_call']}× | {b['ratios']['round_trip_p50']}× (p50) | |",
         "",
         "## 6. The design we replace: PCM over a WebSocket (TCP) vs our RTP path, same loss",

@@ -142,6 +142,23 @@ def _matched_times(sent, seen) -> list[tuple[float, float]]:
     return out
 
 
+def merge_latency(runs: list[dict]) -> dict:
+    up = [x for r in runs for x in r["uplink_samples"]]
+    down = [x for r in runs for x in r["downlink_samples"]]
+    return {"uplink_ms": pcts(up), "downlink_ms": pcts(down),
+            "uplink_lost": sum(r["uplink_lost"] for r in runs), "downlink_lost": sum(r["downlink_lost"] for r in runs),
+            "uplink_samples": up, "downlink_samples": down, "runs": len(runs), "seconds": runs[0]["seconds"],
+            "spread": {"uplink_p50": [r["uplink_ms"]["p50"] for r in runs],
+                       "downlink_p50": [r["downlink_ms"]["p50"] for r in runs]}}
+
+
+def merge_cost(runs: list[dict]) -> dict:
+    """Median of the repeats, with every repeat's CPU per call kept as the spread."""
+    per_call = sorted(r["cpu_per_call"] for r in runs)
+    mid = sorted(runs, key=lambda r: r["cpu_per_call"])[len(runs) // 2]
+    return {**mid, "cpu_per_call_runs": per_call}
+
+
 # -- sections ----------------------------------------------------------------------------
 
 
@@ -288,19 +305,25 @@ async def run(quick: bool) -> dict:
         await asyncio.sleep(0.5)
         await warm.stop()
 
-        log("1. latency, one call")
-        results["latency"] = await latency_one_call(srv, up, 5 if quick else 30)
+        repeats = 1 if quick else 3
+        log(f"1. latency, one call ({repeats} run{'s' if repeats > 1 else ''})")
+        runs = [await latency_one_call(srv, up, 5 if quick else 20) for _ in range(repeats)]
+        results["latency"] = merge_latency(runs)
         lat = results["latency"]
-        log(f"  uplink {lat['uplink_ms']}  downlink {lat['downlink_ms']}")
+        log(f"  uplink {lat['uplink_ms']}  downlink {lat['downlink_ms']}  spread of p50 across runs: "
+            f"up {lat['spread']['uplink_p50']} down {lat['spread']['downlink_p50']}")
 
         n_cost = 5 if quick else 10
-        log(f"5. baseline vs bridge, {n_cost} full-duplex echo calls")
-        ours = await echo_cost(srv.url, srv.stats, up, n_cost, 3 if quick else 10)
+        log(f"5. baseline vs bridge, {n_cost} full-duplex echo calls ({repeats} run{'s' if repeats > 1 else ''} each)")
         base_srv = Server(["bench/baseline_echo.py"], "baseline")
         try:
-            baseline = await echo_cost(base_srv.url, base_srv.stats, None, n_cost, 3 if quick else 10)
+            ours_runs, base_runs = [], []
+            for _ in range(repeats):  # interleaved, so drift in the machine hits both alike
+                ours_runs.append(await echo_cost(srv.url, srv.stats, up, n_cost, 3 if quick else 10))
+                base_runs.append(await echo_cost(base_srv.url, base_srv.stats, None, n_cost, 3 if quick else 10))
         finally:
             base_srv.stop()
+        ours, baseline = merge_cost(ours_runs), merge_cost(base_runs)
         results["baseline"] = {"bridge": ours, "bare_aiortc_echo": baseline, "ratios": {
             "cpu_per_call": round(ours["cpu_per_call"] / max(1e-9, baseline["cpu_per_call"]), 2),
             "round_trip_p50": round((ours["round_trip_ms"]["p50"] or 0) / max(1e-9, baseline["round_trip_ms"]["p50"] or 1), 2),

@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 from websockets.asyncio.server import serve
 
+from realtime.events import Client, Server
 from bench.markers import CODES, PERIOD_FRAMES, OnsetDetector, marker_frame
 
 
@@ -54,7 +55,7 @@ class InstantUpstream:
     async def _handler(self, ws) -> None:
         s = UpSession()
         self.sessions.append(s)
-        await ws.send(json.dumps({"type": "session.created", "session": {"type": "realtime"}}))
+        await ws.send(json.dumps({"type": Server.SESSION_CREATED, "session": {"type": "realtime"}}))
         if self.mode in ("markers", "first-audio"):
             s.task = asyncio.ensure_future(self._play(ws, s, continuous=self.mode == "markers"))
         try:
@@ -62,17 +63,17 @@ class InstantUpstream:
                 now = time.monotonic()
                 event = json.loads(message)
                 kind = event.get("type")
-                if kind == "input_audio_buffer.append":
+                if kind == Client.INPUT_AUDIO_APPEND:
                     pcm = base64.b64decode(event["audio"])
                     s.appends += 1
                     s.arrivals.append(now)
                     s.detector.feed(np.frombuffer(pcm, dtype="<i2"), now)
                     if self.mode == "echo":
-                        await ws.send(json.dumps({"type": "response.output_audio.delta", "response_id": "resp_echo",
+                        await ws.send(json.dumps({"type": Server.OUTPUT_AUDIO_DELTA, "response_id": "resp_echo",
                                                   "item_id": "item_echo", "output_index": 0, "content_index": 0,
                                                   "delta": event["audio"]}))
-                elif kind == "session.update":
-                    await ws.send(json.dumps({"type": "session.updated", "session": event.get("session", {})}))
+                elif kind == Client.SESSION_UPDATE:
+                    await ws.send(json.dumps({"type": Server.SESSION_UPDATED, "session": event.get("session", {})}))
         except Exception:
             pass
         finally:
@@ -92,7 +93,7 @@ class InstantUpstream:
                 continue
             code = len(s.sent_markers) % CODES
             pcm = marker_frame(24000, 480, burst, n * 480, code).tobytes()
-            await ws.send(json.dumps({"type": "response.output_audio.delta", "response_id": "resp_bench",
+            await ws.send(json.dumps({"type": Server.OUTPUT_AUDIO_DELTA, "response_id": "resp_bench",
                                       "item_id": "item_bench", "output_index": 0, "content_index": 0,
                                       "delta": base64.b64encode(pcm).decode()}))
             if burst:
