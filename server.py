@@ -8,6 +8,7 @@ loop runs offline. Then serves until SIGINT/SIGTERM, draining calls on the way o
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import signal
 import ssl
@@ -87,6 +88,8 @@ def _redacted(url: str) -> str:
 def main() -> None:
     settings = config.load_or_exit()
     configure_logging(settings.log_level)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: for a stuck server in production.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         asyncio.run(serve(settings))
     except OSError as exc:

@@ -78,6 +78,8 @@ class Settings:
     max_call_seconds: float = 3600.0
     connect_timeout: float = 15.0
     media_timeout: float = 10.0
+    jitter_buffer: str = "reorder"
+    reorder_wait_ms: int = 40
     cors_origins: tuple[str, ...] = ()
     client_events: tuple[str, ...] = DEFAULT_CLIENT_EVENTS
     session_fields: tuple[str, ...] = DEFAULT_SESSION_FIELDS
@@ -251,6 +253,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_call_seconds", ("MAX_CALL_SECONDS",), _positive_float, "a call is ended after this long"),
     Option("connect_timeout", ("CONNECT_TIMEOUT",), _positive_float, "seconds for ICE+DTLS to connect before the call is dropped"),
     Option("media_timeout", ("MEDIA_TIMEOUT",), _positive_float, "seconds without audio from the caller before the call is ended"),
+    Option("jitter_buffer", ("JITTER_BUFFER",), _choice("reorder", "aiortc"), "receive buffer for the caller's audio: 'reorder' releases packets at once and waits only for reordering (see media/jitter.py); 'aiortc' keeps aiortc's playout buffer (80 ms prefetch, ratchets after loss)"),
+    Option("reorder_wait_ms", ("REORDER_WAIT_MS",), _non_negative_int, "longest wait for a missing packet before it is given up as lost, ms (rounded down to 20 ms packets)"),
     Option("cors_origins", ("CORS_ORIGINS",), _csv, "comma-separated origins allowed to call the API from other sites ('*' for any; default: same origin only)"),
     Option("client_events", ("ALLOWED_CLIENT_EVENTS",), _csv, "client event types the page may send upstream"),
     Option("session_fields", ("ALLOWED_SESSION_FIELDS",), _csv, "dotted session fields a page's session.update may change"),

@@ -18,6 +18,8 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from harness.caller import PacedSource
+
 BED_LEVEL = 0.03
 BURST_LEVEL = 0.6
 BURST_BASE_HZ = 1000
@@ -46,19 +48,37 @@ def decode(x: np.ndarray, rate: int) -> int:
     return int(round((f - BURST_BASE_HZ) / BURST_STEP_HZ)) % CODES
 
 
-class MarkerSource(MediaStreamTrack):
-    """48 kHz mono, paced: the bed with a burst every PERIOD_FRAMES; notes when each burst is handed out."""
-
-    kind = "audio"
+class MarkerSource(PacedSource):
+    """The bed with a burst every `period` frames; notes when each burst is handed to the encoder."""
 
     def __init__(self, period: int = PERIOD_FRAMES, offset: int = 10) -> None:
         super().__init__()
         self.period, self.offset = period, offset
         self.sent: list[tuple[float, int]] = []  # (monotonic, code)
+
+    def samples(self, n: int) -> np.ndarray:
+        burst = n % self.period == self.offset
+        code = len(self.sent) % CODES
+        if burst:
+            self.sent.append((time.monotonic(), code))  # recv() returns this frame to the encoder now
+        return marker_frame(48000, 960, burst, n * 960, code)
+
+
+class PreEncodedSource(MediaStreamTrack):
+    """A cheap caller for load: one second of the bed encoded to Opus once, then looped
+    as packets (aiortc sends av.Packet without encoding), paced at 20 ms."""
+
+    kind = "audio"
+    _packets: list[bytes] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        if not PreEncodedSource._packets:
+            PreEncodedSource._packets = _encode_bed()
         self._n = 0
         self._start: Optional[float] = None
 
-    async def recv(self) -> av.AudioFrame:
+    async def recv(self) -> av.Packet:
         if self.readyState != "live":
             raise MediaStreamError
         if self._start is None:
@@ -67,17 +87,24 @@ class MarkerSource(MediaStreamTrack):
             wait = self._start + self._n * 0.02 - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-        burst = self._n % self.period == self.offset
-        code = len(self.sent) % CODES
-        frame = av.AudioFrame.from_ndarray(marker_frame(48000, 960, burst, self._n * 960, code).reshape(1, -1),
-                                           format="s16", layout="mono")
-        frame.sample_rate = 48000
-        frame.time_base = fractions.Fraction(1, 48000)
-        frame.pts = self._n * 960
+        packet = av.Packet(self._packets[self._n % len(self._packets)])
+        packet.pts = self._n * 960
+        packet.time_base = fractions.Fraction(1, 48000)
         self._n += 1
-        if burst:
-            self.sent.append((time.monotonic(), code))  # handed to the encoder now
-        return frame
+        return packet
+
+
+def _encode_bed() -> list[bytes]:
+    codec = av.CodecContext.create("libopus", "w")
+    codec.sample_rate, codec.layout, codec.format, codec.bit_rate = 48000, "stereo", "s16", 32000
+    codec.time_base = fractions.Fraction(1, 48000)
+    out = []
+    for n in range(50):
+        mono = marker_frame(48000, 960, False, n * 960)
+        frame = av.AudioFrame.from_ndarray(np.repeat(mono, 2).reshape(1, -1), format="s16", layout="stereo")
+        frame.sample_rate, frame.pts, frame.time_base = 48000, n * 960, fractions.Fraction(1, 48000)
+        out += [bytes(p) for p in codec.encode(frame)]
+    return out
 
 
 class OnsetDetector:
@@ -129,14 +156,17 @@ def pair(sent: list[tuple[float, int]], seen: list[tuple[float, int]], window: f
     for t, code in sent:
         while start < len(seen) and seen[start][0] < t:
             start += 1
+        match = None
         for j in range(start, len(seen)):
             at, c = seen[j]
             if at - t >= window:
                 break
             if not used[j] and c == code:
-                used[j] = True
-                latencies.append((at - t) * 1000)
+                match = j
                 break
-        else:
+        if match is None:
             lost += 1
+        else:
+            used[match] = True
+            latencies.append((seen[match][0] - t) * 1000)
     return latencies, lost

@@ -25,22 +25,20 @@ from media.audio import RTP_RATE
 FRAME_48K = 960
 
 
-class SourceTrack(MediaStreamTrack):
-    """48 kHz mono PCM paced at real time: a tone, queued PCM, or silence."""
+class PacedSource(MediaStreamTrack):
+    """48 kHz mono PCM16, one 20 ms frame per `recv()`, paced on the monotonic clock like a
+    microphone. Subclasses say what frame `n` holds."""
 
     kind = "audio"
 
     def __init__(self) -> None:
         super().__init__()
-        self.freq: Optional[float] = None
-        self.level = 0.3
-        self._queued = bytearray()
         self._n = 0
         self._start: Optional[float] = None
-        self._phase = 0
 
-    def play(self, pcm48: bytes) -> None:
-        self._queued += pcm48
+    def samples(self, n: int) -> np.ndarray:
+        """The FRAME_48K int16 samples of frame `n`."""
+        raise NotImplementedError
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
@@ -51,22 +49,35 @@ class SourceTrack(MediaStreamTrack):
             wait = self._start + self._n * 0.02 - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-        if self._queued:
-            chunk = bytes(self._queued[:FRAME_48K * 2]).ljust(FRAME_48K * 2, b"\0")
-            del self._queued[:FRAME_48K * 2]
-            samples = np.frombuffer(chunk, dtype="<i2")
-        elif self.freq:
-            t = (np.arange(FRAME_48K) + self._phase) / RTP_RATE
-            samples = (self.level * 32767 * np.sin(2 * np.pi * self.freq * t)).astype("<i2")
-        else:
-            samples = np.zeros(FRAME_48K, dtype="<i2")
-        self._phase += FRAME_48K
-        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame = av.AudioFrame.from_ndarray(self.samples(self._n).reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = RTP_RATE
         frame.time_base = fractions.Fraction(1, RTP_RATE)
         frame.pts = self._n * FRAME_48K
         self._n += 1
         return frame
+
+
+class SourceTrack(PacedSource):
+    """A programmable microphone: queued PCM first, else a tone at `freq`, else silence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.freq: Optional[float] = None
+        self.level = 0.3
+        self._queued = bytearray()
+
+    def play(self, pcm48: bytes) -> None:
+        self._queued += pcm48
+
+    def samples(self, n: int) -> np.ndarray:
+        if self._queued:
+            chunk = bytes(self._queued[:FRAME_48K * 2]).ljust(FRAME_48K * 2, b"\0")
+            del self._queued[:FRAME_48K * 2]
+            return np.frombuffer(chunk, dtype="<i2")
+        if self.freq:
+            t = (np.arange(FRAME_48K) + n * FRAME_48K) / RTP_RATE
+            return (self.level * 32767 * np.sin(2 * np.pi * self.freq * t)).astype("<i2")
+        return np.zeros(FRAME_48K, dtype="<i2")
 
 
 class Caller:

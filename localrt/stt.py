@@ -195,6 +195,13 @@ def _worker_main() -> None:
         stdout.write(HEADER.pack(rid, status, 0, len(data)) + data)
         stdout.flush()
 
+    def begin(sid: int) -> None:
+        d = decoder(sid)
+        if sid in in_utt:
+            d.end_utt()
+        d.start_utt()
+        in_utt.add(sid)
+
     def end(sid: int, tail: bytes) -> str:
         d = decoder(sid)
         if sid not in in_utt:
@@ -214,22 +221,14 @@ def _worker_main() -> None:
         payload = stdin.read(size) if size else b""
         try:
             if op == OP_BEGIN:
-                d = decoder(sid)
-                if sid in in_utt:
-                    d.end_utt()
-                d.start_utt()
-                in_utt.add(sid)
+                begin(sid)
             elif op == OP_FEED:
                 if sid in in_utt and payload:
                     decoder(sid).process_raw(payload, False, False)
             elif op == OP_FINISH:
                 reply(rid, REPLY_OK, end(sid, payload))
             elif op == OP_TRANSCRIBE:
-                d = decoder(sid)
-                if sid in in_utt:
-                    d.end_utt()
-                d.start_utt()
-                in_utt.add(sid)
+                begin(sid)
                 reply(rid, REPLY_OK, end(sid, payload))
             elif op == OP_CLOSE:
                 d = decoders.pop(sid, None)

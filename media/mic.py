@@ -76,9 +76,9 @@ class MicPump:
         """Pump until the track ends. Raises MicTimeout if the caller goes silent on RTP."""
         while True:
             try:
-                if self._timeout_s:
-                    frame = await asyncio.wait_for(self._track.recv(), self._timeout_s)
-                else:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
+                # lands as a frame arrives, and the call's teardown then hangs on this task.
+                async with asyncio.timeout(self._timeout_s or None):
                     frame = await self._track.recv()
             except MediaStreamError:
                 return

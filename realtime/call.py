@@ -23,6 +23,7 @@ from typing import Any, Callable, Coroutine, Optional
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcdatachannel import RTCDataChannel
 
+from media import jitter
 from media.mic import MicPump, MicTimeout
 from media.playback import PlaybackTrack
 from settings import Settings
@@ -65,6 +66,7 @@ class Call:
         self.playback.on_started = self._on_playback_started
         self.playback.on_stopped = self._on_playback_stopped
         self.mic: Optional[MicPump] = None
+        self.receive_buffer: Optional[jitter.ReorderBuffer] = None
         self.channel: Optional[RTCDataChannel] = None
         self._pending_page: list[str] = []
         self._channel_ready = asyncio.Event()
@@ -81,7 +83,6 @@ class Call:
         self._started_responses: set[str] = set()
         self.active_response: Optional[str] = None
         self.interrupt_response = True
-        self.truncations: list[Event] = []
 
     # -- setup ---------------------------------------------------------------------
 
@@ -143,13 +144,22 @@ class Call:
             tasks = [t for t in self._tasks if t is not current]
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            phase = time.monotonic()
+            if tasks:
+                _, pending = await asyncio.wait(tasks, timeout=1.0)
+                for task in pending:
+                    logger.warning("call %s: task %s still running 1 s after cancel: %s", self.id,
+                                   task.get_name(), "".join(f"{f.f_code.co_filename}:{f.f_lineno} " for f in task.get_stack()))
+                await asyncio.gather(*tasks, return_exceptions=True)
+            phase = self._slow("tasks", phase)
             try:
                 await asyncio.wait_for(self.upstream.close(), 2.0)
             except (asyncio.TimeoutError, OSError):
                 pass
+            phase = self._slow("upstream close", phase)
             self.playback.stop()
             await self.pc.close()
+            self._slow("peer close", phase)
             # Break the call's reference cycles (peer ↔ handlers ↔ call) so the
             # codecs and their buffers go now, by refcount, not at the next GC.
             self.pc.remove_all_listeners()
@@ -159,17 +169,25 @@ class Call:
         finally:
             mic = self.mic.stats if self.mic else None
             pb = self.playback.stats
+            rb = self.receive_buffer.stats if self.receive_buffer else None
             logger.info(
-                "call %s ended after %.1f s: %s | mic frames=%d lost=%d concealed=%.0fms | "
+                "call %s ended after %.1f s: %s | mic frames=%d lost=%d concealed=%.0fms reordered=%d late=%d | "
                 "out frames=%d audio=%d late=%d reanchors=%d | upstream sent=%d received=%d",
                 self.id, time.monotonic() - self.created_at, self.reason,
                 mic.frames if mic else 0, mic.lost_frames if mic else 0, mic.concealed_ms if mic else 0,
+                rb.recovered if rb else 0, rb.late if rb else 0,
                 pb.frames, pb.audio_frames, pb.late_frames, pb.reanchors,
                 self.upstream.sent_events, self.upstream.received_events,
             )
             self.closed.set()
             if self._on_closed:
                 self._on_closed(self)
+
+    def _slow(self, what: str, since: float) -> float:
+        now = time.monotonic()
+        if now - since > 1.0:
+            logger.warning("call %s: teardown step '%s' took %.1f s", self.id, what, now - since)
+        return now
 
     async def _drain_channel(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -204,6 +222,9 @@ class Call:
     def _on_track(self, track) -> None:
         if track.kind != "audio" or self.mic is not None:
             return
+        if self.settings.jitter_buffer == "reorder":
+            receiver = next(t.receiver for t in self.pc.getTransceivers() if t.receiver.track is track)
+            self.receive_buffer = jitter.install(receiver, self.settings.reorder_wait_ms // 20)
         # Start reading at once: unread frames pile up in aiortc's unbounded queue.
         self.mic = MicPump(track, self._on_mic_audio, timeout_s=self.settings.media_timeout)
         self._spawn(self._run_mic(), "mic")
@@ -317,9 +338,7 @@ class Call:
         response_ids = []
         for playout in cut:
             self._cut_items.add(playout.item_id)
-            truncate = events.truncate(playout.item_id, playout.audio_end_ms)
-            self.truncations.append(truncate)
-            self.upstream.send(truncate)
+            self.upstream.send(events.truncate(playout.item_id, playout.audio_end_ms))
             rid = self._item_response.get(playout.item_id)
             if rid not in response_ids:
                 response_ids.append(rid)

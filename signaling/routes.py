@@ -235,6 +235,8 @@ async def metrics(request: web.Request) -> web.Response:
             "frames": sum(c.mic.stats.frames for c in calls if c.mic),
             "lost_frames": sum(c.mic.stats.lost_frames for c in calls if c.mic),
             "concealed_ms": round(sum(c.mic.stats.concealed_ms for c in calls if c.mic), 1),
+            "reordered_recovered": sum(c.receive_buffer.stats.recovered for c in calls if c.receive_buffer),
+            "late_dropped": sum(c.receive_buffer.stats.late for c in calls if c.receive_buffer),
         },
         "process": process_stats(),
     })

@@ -220,3 +220,31 @@ async def test_a_call_ends_at_the_maximum_duration(stub, start_bridge, new_calle
     err = await caller.wait_event("error", timeout=10)
     assert "maximum duration of 1.5 s" in err["error"]["message"]
     await bridge.wait_no_calls()
+
+
+async def test_under_packet_loss_the_caller_timeline_is_kept_and_every_hole_is_counted(bridge, stub, new_caller):
+    """10 % loss on the caller's RTP (the reusable impairment layer): the reorder buffer
+    gives holes up, MicPump counts them and fills them with silence, so upstream still gets
+    the caller's full timeline, in order, with nothing stuck behind a hole."""
+    from bench.impair import Impairment
+
+    caller, session = await connected_call(bridge, stub, new_caller, freq=1000)
+    call = bridge.registry.calls[caller.call_id]
+    assert call.receive_buffer is not None  # the default receive buffer is ours
+    impairment = Impairment(loss=0.10, seed=3)
+    impairment.attach(caller.pc)
+    start_bytes = len(session.audio)
+    await asyncio.sleep(4.0)
+    got_s = (len(session.audio) - start_bytes) / 2 / REALTIME_RATE
+    dropped = impairment.up.dropped
+    assert dropped >= 10
+    assert call.mic.stats.lost_frames >= dropped - 2  # the last holes may still be waiting
+    assert abs(got_s - 4.0) < 0.15, got_s  # the timeline holds: holes became silence, not shortening
+    assert call.receive_buffer.stats.lost == call.mic.stats.lost_frames
+
+
+async def test_aiortc_s_own_jitter_buffer_can_be_chosen(stub, start_bridge, new_caller):
+    bridge = await start_bridge(stub.url, jitter_buffer="aiortc")
+    caller, session = await connected_call(bridge, stub, new_caller, freq=1000)
+    assert bridge.registry.calls[caller.call_id].receive_buffer is None
+    await eventually(lambda: len(session.audio) > REALTIME_RATE, what="audio upstream")
