@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ImpairStats:
-    sent: int = 0
+    sent: int = 0  # RTP and RTCP
     dropped: int = 0
+    rtp_dropped: int = 0  # media packets only (RTCP excluded)
     reordered: int = 0
 
 
@@ -77,6 +78,8 @@ class Impairment:
         stats.sent += 1
         if self._lost(way):
             stats.dropped += 1
+            if len(data) > 1 and not 64 <= (data[1] & 0x7F) <= 95:  # RFC 5761: 64–95 is RTCP
+                stats.rtp_dropped += 1
             return False
         return True
 

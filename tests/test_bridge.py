@@ -236,7 +236,7 @@ async def test_under_packet_loss_the_caller_timeline_is_kept_and_every_hole_is_c
     start_bytes = len(session.audio)
     await asyncio.sleep(4.0)
     got_s = (len(session.audio) - start_bytes) / 2 / REALTIME_RATE
-    dropped = impairment.up.dropped
+    dropped = impairment.up.rtp_dropped
     assert dropped >= 10
     assert call.mic.stats.lost_frames >= dropped - 2  # the last holes may still be waiting
     assert abs(got_s - 4.0) < 0.15, got_s  # the timeline holds: holes became silence, not shortening
