@@ -146,6 +146,15 @@ def write_report(r: dict) -> Path:
         lines.append(f"| {x['loss_pct']:.0f} | {_p(x['uplink_ms'])} | {x['uplink_first_half_ms']['p50']} → {x['uplink_second_half_ms']['p50']} | "
                      f"{_p(x['downlink_ms'])} | {x['uplink_gaps_per_min']} / {x['downlink_gaps_per_min']} | "
                      f"{x['uplink_markers_lost']} / {x['downlink_markers_lost']} (of {x['markers_sent']}) |")
+    old = r.get("loss_aiortc_buffer")
+    if old:
+        lines += ["", f"The same bridge with aiortc's own jitter buffer (`--jitter-buffer aiortc`), same run, "
+                  f"{old['seconds_per_level']} s per level:", "",
+                  "| loss % | uplink p50/p95/p99/max | uplink p50 1st half → 2nd half | gaps ≥60 ms per min up | markers lost up (of sent) |",
+                  "|---|---|---|---|---|"]
+        for x in old["levels"]:
+            lines.append(f"| {x['loss_pct']:.0f} | {_p(x['uplink_ms'])} | {x['uplink_first_half_ms']['p50']} → "
+                         f"{x['uplink_second_half_ms']['p50']} | {x['uplink_gaps_per_min']} | {x['uplink_markers_lost']} (of {x['markers_sent']}) |")
     b = r["baseline"]
     lines += [
         "",

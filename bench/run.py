@@ -352,11 +352,21 @@ async def run(quick: bool) -> dict:
         log(f"  {mem['cycles']} cycles: rss {mem['before']['rss_mb']:.1f} → {mem['after']['rss_mb']:.1f} MB, "
             f"fds {mem['before']['fds']} → {mem['after']['fds']}, threads {mem['before']['threads']} → {mem['after']['threads']}")
 
-        log("4. lossy networks")
-        results["loss"] = await lossy(srv, up, [0.0, 0.05] if quick else [0.0, 0.02, 0.05, 0.10, 0.20],
-                                      4 if quick else 60)
+        levels = [0.0, 0.05] if quick else [0.0, 0.02, 0.05, 0.10, 0.20]
+        log("4. lossy networks (this bridge: reorder receive buffer)")
+        results["loss"] = await lossy(srv, up, levels, 4 if quick else 60)
     finally:
         srv.stop()
+    try:
+        if not quick:
+            log("4b. lossy networks, same bridge with aiortc's own jitter buffer (--jitter-buffer aiortc)")
+            old = Server(["server.py", "--realtime-url", up.url, "--log-level", "WARNING", "--jitter-buffer", "aiortc",
+                          "--media-timeout", "60", "--env-file", "/nonexistent"], "bridge_aiortc_jb")
+            try:
+                results["loss_aiortc_buffer"] = await lossy(old, up, levels, 30)
+            finally:
+                old.stop()
+    finally:
         await up.stop()
 
     log("6. WebSocket relay vs RTP under TCP/UDP loss (network namespace)")
