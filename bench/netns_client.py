@@ -49,6 +49,7 @@ async def websocket(url: str, seconds: float) -> list[float]:
                     sent.append((time.monotonic(), code))
                 n += 1
                 await asyncio.sleep(max(0.0, start + n * 0.02 - time.monotonic()))
+            await asyncio.sleep(1.0)  # let the last frames through before closing
     return sent
 
 
@@ -62,7 +63,7 @@ async def rtp(url: str, seconds: float) -> list[float]:
         await asyncio.sleep(0.02)
     await go()
     start = time.monotonic()
-    await asyncio.sleep(seconds)
+    await asyncio.sleep(seconds + 1.0)  # markers of the last second get time to arrive
     try:
         await asyncio.wait_for(caller.hangup(), 10)
     except Exception:

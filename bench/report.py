@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import ROOT  # noqa: E402
+from bench.common import RESULTS as RESULTS_DIR, ROOT  # noqa: E402
 
 PLOTS = ROOT / "bench" / "plots"
 
@@ -98,7 +98,8 @@ def write_report(r: dict) -> Path:
         "",
         f"{r['latency'].get('runs', 1)} call(s) of {r['latency']['seconds']} s; p50 of each call: uplink "
         f"{r['latency'].get('spread', {}).get('uplink_p50')}, downlink {r['latency'].get('spread', {}).get('downlink_p50')}. "
-        "Each includes one aiortc jitter buffer (≈80 ms fixed prefetch): the server's on the way up, the caller's on the way down.",
+        "Uplink passes this bridge's receive buffer (media/jitter.py: packets released in order at once); downlink "
+        "ends in the bench caller's aiortc jitter buffer (≈80 ms fixed prefetch), standing in for the browser's.",
         "",
         f"![latency]({pics['latency']})",
         "",
@@ -137,7 +138,10 @@ def write_report(r: dict) -> Path:
         "## 4. Lossy networks",
         "",
         f"Impairment: {r['loss']['impairment']}; {r['loss']['seconds_per_level']} s per level. "
-        "Downlink here carries continuous model audio sent 60 ms ahead of real time, so its latency includes that 60 ms of queue.",
+        "The impairment's jitter delays each packet by 0–60 ms (≈30 ms on average), so every latency here includes "
+        "that network delay. Downlink carries continuous model audio sent 60 ms ahead of real time (its latency includes "
+        "that queue) and is received by the bench caller's own aiortc jitter buffer, which stands in for the browser's: "
+        "a browser's NetEq conceals loss far better, so downlink gaps and lost markers are the pessimistic side.",
         "",
         "| loss % | uplink p50/p95/p99/max | uplink p50 1st half → 2nd half | downlink p50/p95/p99/max | gaps ≥60 ms per min up / down | markers lost up / down (of sent) |",
         "|---|---|---|---|---|---|",
@@ -186,3 +190,44 @@ def write_report(r: dict) -> Path:
     path = ROOT / "BENCHMARKS.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def update_readme(r: dict) -> None:
+    """Rewrite the figures block of README.md from this run (and the local-backend run, if any)."""
+    import json
+
+    s, base = r["summary"], r["baseline"]
+    loss = {int(x["loss_pct"]): x for x in r["loss"]["levels"]}
+    old = {int(x["loss_pct"]): x for x in (r.get("loss_aiortc_buffer") or {}).get("levels", [])}
+    rows = [
+        f"From `{r['command']}` on {r['date']} ({r['machine']['cores']} cores, {r['machine']['cpu']}):",
+        "",
+        "| figure | this bridge | reference in the same run |",
+        "|---|---|---|",
+        f"| uplink latency p50 / p95 / p99 (caller's encoder → model gets PCM) | {s['uplink_ms']['p50']} / {s['uplink_ms']['p95']} / {s['uplink_ms']['p99']} ms | |",
+        f"| downlink latency p50 / p95 / p99 (model's delta → caller decoded) | {s['downlink_ms']['p50']} / {s['downlink_ms']['p95']} / {s['downlink_ms']['p99']} ms | includes the caller's aiortc jitter buffer (≈80 ms) |",
+        f"| round trip p50, caller → model → caller | {s['round_trip_p50_ms']} ms | bare aiortc echo peer: {s['baseline_round_trip_p50_ms']} ms ({base['ratios']['round_trip_p50']}×) |",
+        f"| server CPU per full-duplex call | {s['cpu_per_call']} cores | bare aiortc echo peer: {s['baseline_cpu_per_call']} cores ({s['cpu_ratio_vs_baseline']}×) |",
+        f"| calls one process sustains (clients on the same 2 cores) | {s['max_calls']} | |",
+        f"| RSS growth over {r['memory']['cycles']} connect/hang-up cycles | {s['rss_growth_per_cycle_kb']} KB per cycle | |",
+    ]
+    for pct in (5, 20):
+        if pct in loss:
+            ref = f"aiortc's jitter buffer: {old[pct]['uplink_ms']['p95']} ms" if pct in old else ""
+            rows.append(f"| uplink p95 at {pct} % bursty loss + ±30 ms jitter | {loss[pct]['uplink_ms']['p95']} ms | {ref} |")
+    local = RESULTS_DIR / "local_backend.json"
+    if local.exists():
+        lb = json.loads(local.read_text())
+        conc = next(k for k in lb if k.endswith("_sessions_ms"))
+        rows += ["", f"Local backend (`{lb['command']}`, {lb['date']}): `speech_stopped` → first audio delta "
+                 f"p50 {lb['one_session_ms']['p50']} / p95 {lb['one_session_ms']['p95']} ms with one session, "
+                 f"p50 {lb[conc]['p50']} / p95 {lb[conc]['p95']} ms with {lb['concurrent']} at once "
+                 f"({lb['utterances']} espeak-ng utterances streamed in real time); pocketsphinx word recall on "
+                 f"that synthetic speech {lb['word_recall_one']}."]
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- figures:start -->", "<!-- figures:end -->"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        readme.write_text(head + start + "\n" + "\n".join(rows) + "\n" + end + tail)
