@@ -9,14 +9,11 @@ on one machine share that clock.
 
 from __future__ import annotations
 
-import asyncio
 import fractions
 import time
-from typing import Optional
 
 import av
 import numpy as np
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from harness.caller import PacedSource
 
@@ -64,29 +61,19 @@ class MarkerSource(PacedSource):
         return marker_frame(48000, 960, burst, n * 960, code)
 
 
-class PreEncodedSource(MediaStreamTrack):
+class PreEncodedSource(PacedSource):
     """A cheap caller for load: one second of the bed encoded to Opus once, then looped
     as packets (aiortc sends av.Packet without encoding), paced at 20 ms."""
 
-    kind = "audio"
     _packets: list[bytes] = []
 
     def __init__(self) -> None:
         super().__init__()
         if not PreEncodedSource._packets:
             PreEncodedSource._packets = _encode_bed()
-        self._n = 0
-        self._start: Optional[float] = None
 
     async def recv(self) -> av.Packet:
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._start is None:
-            self._start = time.monotonic()
-        else:
-            wait = self._start + self._n * 0.02 - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
+        await self.wait_for_slot()
         packet = av.Packet(self._packets[self._n % len(self._packets)])
         packet.pts = self._n * 960
         packet.time_base = fractions.Fraction(1, 48000)

@@ -40,7 +40,8 @@ class PacedSource(MediaStreamTrack):
         """The FRAME_48K int16 samples of frame `n`."""
         raise NotImplementedError
 
-    async def recv(self) -> av.AudioFrame:
+    async def wait_for_slot(self) -> None:
+        """Sleep until frame `_n` is due (20 ms apart from the first)."""
         if self.readyState != "live":
             raise MediaStreamError
         if self._start is None:
@@ -49,6 +50,9 @@ class PacedSource(MediaStreamTrack):
             wait = self._start + self._n * 0.02 - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
+
+    async def recv(self) -> av.AudioFrame:
+        await self.wait_for_slot()
         frame = av.AudioFrame.from_ndarray(self.samples(self._n).reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = RTP_RATE
         frame.time_base = fractions.Fraction(1, RTP_RATE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import time
 
 import pytest
@@ -17,13 +18,22 @@ from tests.speech import read_pcm, recognize, speech_wav
 UTTERANCE = "What is the weather like today?"
 
 
-@pytest.fixture
-async def local_url():
-    runner = web.AppRunner(build_local_app(config.from_raw({})))
+@contextlib.asynccontextmanager
+async def serve_local(**raw: str):
+    """The local backend on a free port; yields the base URL the SDK wants."""
+    runner = web.AppRunner(build_local_app(config.from_raw(raw)))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    await runner.cleanup()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def local_url():
+    async with serve_local() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +55,16 @@ async def until(conn, kind: str, timeout: float = 20.0, seen: list | None = None
             if event.type == kind:
                 return event
     return await asyncio.wait_for(scan(), timeout)
+
+
+async def ask(conn, text: str) -> tuple[object, list]:
+    """A user text item, then response.create; returns response.done and every event up to it."""
+    await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                              "content": [{"type": "input_text", "text": text}]})
+    await conn.response.create()
+    seen: list = []
+    done = await until(conn, "response.done", seen=seen)
+    return done, seen
 
 
 async def stream_realtime(conn, pcm: bytes, speed: float = 1.0) -> None:
@@ -165,11 +185,7 @@ async def test_cancel_ends_the_active_response_and_cancel_without_one_is_an_erro
 async def test_truncate_cuts_the_transcript_to_what_was_heard_and_refuses_beyond_the_audio(local_url):
     async with sdk(local_url).realtime.connect(model="m") as conn:
         await until(conn, "session.created")
-        await conn.conversation.item.create(item={"type": "message", "role": "user",
-                                                  "content": [{"type": "input_text", "text": "one two three. four five six."}]})
-        await conn.response.create()
-        seen: list = []
-        done = await until(conn, "response.done", seen=seen)
+        done, seen = await ask(conn, "one two three. four five six.")
         item_id = done.response.output[0].id
         audio_ms = sum(len(base64.b64decode(e.delta)) for e in seen if e.type == "response.output_audio.delta") // 48
         await conn.conversation.item.truncate(item_id=item_id, content_index=0, audio_end_ms=audio_ms + 100)
@@ -243,20 +259,13 @@ async def test_a_chat_completions_server_answers_with_the_instructions_and_the_c
     await chat_runner.setup()
     await web.TCPSite(chat_runner, "127.0.0.1", 0).start()
     chat_url = f"http://127.0.0.1:{chat_runner.addresses[0][1]}/v1"
-    runner = web.AppRunner(build_local_app(config.from_raw({"local_responder": chat_url, "local_llm_model": "tiny"})))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-        async with sdk(url).realtime.connect(model="m") as conn:
-            await until(conn, "session.created")
-            await conn.session.update(session={"type": "realtime", "instructions": "Answer about the weather."})
-            await until(conn, "session.updated")
-            await conn.conversation.item.create(item={"type": "message", "role": "user",
-                                                      "content": [{"type": "input_text", "text": "Weather?"}]})
-            await conn.response.create()
-            seen: list = []
-            done = await until(conn, "response.done", seen=seen)
+        async with serve_local(local_responder=chat_url, local_llm_model="tiny") as url:
+            async with sdk(url).realtime.connect(model="m") as conn:
+                await until(conn, "session.created")
+                await conn.session.update(session={"type": "realtime", "instructions": "Answer about the weather."})
+                await until(conn, "session.updated")
+                done, seen = await ask(conn, "Weather?")
         assert done.response.status == "completed"
         transcript = next(e.transcript for e in seen if e.type == "response.output_audio_transcript.done")
         assert transcript == "It is sunny. Take a hat."
@@ -269,16 +278,12 @@ async def test_a_chat_completions_server_answers_with_the_instructions_and_the_c
         assert req["messages"] == [{"role": "system", "content": "Answer about the weather."},
                                    {"role": "user", "content": "Weather?"}]
     finally:
-        await runner.cleanup()
         await chat_runner.cleanup()
 
 
 async def test_an_unreachable_chat_server_fails_the_response_with_an_error_not_the_session():
-    runner = web.AppRunner(build_local_app(config.from_raw({"local_responder": "http://127.0.0.1:9/v1"})))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        async with sdk(f"http://127.0.0.1:{runner.addresses[0][1]}/v1").realtime.connect(model="m") as conn:
+    async with serve_local(local_responder="http://127.0.0.1:9/v1") as url:
+        async with sdk(url).realtime.connect(model="m") as conn:
             await until(conn, "session.created")
             await conn.response.create()
             err = await until(conn, "error")
@@ -287,8 +292,6 @@ async def test_an_unreachable_chat_server_fails_the_response_with_an_error_not_t
             assert done.response.status == "failed"
             await conn.session.update(session={"type": "realtime", "instructions": "still here"})
             await until(conn, "session.updated")
-    finally:
-        await runner.cleanup()
 
 
 async def test_an_oversized_event_gets_an_error_and_the_session_stays_open(local_url):
