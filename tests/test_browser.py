@@ -111,3 +111,17 @@ async def test_with_no_key_the_page_has_a_spoken_conversation_with_the_local_bac
     assert "weather" in (await page.locator(".caption.assistant").first.inner_text()).lower()
     await page.click("#call")
     await page.wait_for_function("window.bridge.state === 'idle'")
+
+
+async def test_the_page_shows_the_server_s_reason_when_a_call_is_refused(browser, start_bridge):
+    bridge = await start_bridge("ws://127.0.0.1:9/v1/realtime")  # nothing listens there
+    page = await browser.new_page()
+    await page.goto(bridge.url)
+    await page.click("#call")
+    await page.wait_for_function("window.bridge.state === 'failed'", timeout=15000)
+    error = page.locator("#error")
+    assert await error.is_visible()
+    text = await error.inner_text()
+    assert "502" in text and "could not reach upstream" in text
+    assert await page.locator("#call").inner_text() == "Start"  # ready to try again
+    assert await page.evaluate("window.bridge.pc") is None
