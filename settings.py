@@ -80,6 +80,7 @@ class Settings:
     media_timeout: float = 10.0
     jitter_buffer: str = "reorder"
     reorder_wait_ms: int = 40
+    auth_token: Optional[str] = field(default=None, repr=False)
     cors_origins: tuple[str, ...] = ()
     client_events: tuple[str, ...] = DEFAULT_CLIENT_EVENTS
     session_fields: tuple[str, ...] = DEFAULT_SESSION_FIELDS
@@ -255,6 +256,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("media_timeout", ("MEDIA_TIMEOUT",), _positive_float, "seconds without audio from the caller before the call is ended"),
     Option("jitter_buffer", ("JITTER_BUFFER",), _choice("reorder", "aiortc"), "receive buffer for the caller's audio: 'reorder' releases packets at once and waits only for reordering (see media/jitter.py); 'aiortc' keeps aiortc's playout buffer (80 ms prefetch, ratchets after loss)"),
     Option("reorder_wait_ms", ("REORDER_WAIT_MS",), _non_negative_int, "longest wait for a missing packet before it is given up as lost, ms (rounded down to 20 ms packets)"),
+    Option("auth_token", ("BRIDGE_AUTH_TOKEN",), str, "if set, creating a call needs 'Authorization: Bearer' with this token or an ephemeral key from POST /v1/realtime/client_secrets (default: open)", secret=True),
     Option("cors_origins", ("CORS_ORIGINS",), _csv, "comma-separated origins allowed to call the API from other sites ('*' for any; default: same origin only)"),
     Option("client_events", ("ALLOWED_CLIENT_EVENTS",), _csv, "client event types the page may send upstream"),
     Option("session_fields", ("ALLOWED_SESSION_FIELDS",), _csv, "dotted session fields a page's session.update may change"),

@@ -165,9 +165,11 @@ async function start() {
 
     await pc.setLocalDescription(await pc.createOffer());
     await iceGatheringDone(pc, 2000);
-    const resp = await fetch("/v1/realtime/calls", {
-      method: "POST", headers: { "Content-Type": "application/sdp" }, body: pc.localDescription.sdp,
-    });
+    // A server started with BRIDGE_AUTH_TOKEN wants a key: links carry one as #key=ek_...
+    const key = new URLSearchParams(location.hash.slice(1)).get("key");
+    const headers = { "Content-Type": "application/sdp" };
+    if (key) headers.Authorization = `Bearer ${key}`;
+    const resp = await fetch("/v1/realtime/calls", { method: "POST", headers, body: pc.localDescription.sdp });
     const body = await resp.text();
     if (resp.status !== 201) {
       let message = body;

@@ -9,13 +9,15 @@ from settings import Settings
 from .cors import Cors
 from . import metrics
 from .errors import error_middleware
-from .routes import REGISTRY, SETTINGS, CallRegistry, add_routes
+from .auth import KeyRing
+from .routes import KEYS, REGISTRY, SETTINGS, CallRegistry, add_routes
 
 
 def build_app(settings: Settings, upstream_url: str) -> web.Application:
     app = web.Application(middlewares=[Cors(settings.cors_origins).middleware, error_middleware])
     app[SETTINGS] = settings
     app[REGISTRY] = CallRegistry(settings, upstream_url)
+    app[KEYS] = KeyRing(settings.auth_token)
     add_routes(app)
     metrics.install(app)
 

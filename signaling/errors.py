@@ -16,6 +16,7 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
 
 def error_response(status: int, code: str, message: str, *, param: Optional[str] = None,
                    headers: Optional[dict[str, str]] = None) -> web.Response:
+    """An error reply in OpenAI's shape, with the type that goes with `status`."""
     body = {"error": {"type": _TYPES.get(status, "server_error"), "code": code, "message": message, "param": param}}
     return web.json_response(body, status=status, headers=headers)
 

@@ -24,6 +24,7 @@ from realtime.policy import ClientEventPolicy
 from realtime.upstream import UpstreamError, UpstreamSession
 from settings import Settings
 
+from .auth import DEFAULT_TTL_S, MAX_TTL_S, MIN_TTL_S, KeyRing, bearer
 from .errors import error_response
 from .sdp import OfferError, validate_offer
 
@@ -67,6 +68,7 @@ class CallRegistry:
 
 REGISTRY = web.AppKey("registry", CallRegistry)
 SETTINGS = web.AppKey("settings", Settings)
+KEYS = web.AppKey("keys", KeyRing)
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -133,8 +135,21 @@ class _UnsupportedType(Exception):
     pass
 
 
+def _unauthorized(message: str) -> web.Response:
+    return error_response(401, "invalid_api_key", message, headers={"WWW-Authenticate": "Bearer"})
+
+
 async def create_call(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
+    keys = request.app[KEYS]
+    key_session = None
+    if keys.required:
+        presented = bearer(request)
+        ephemeral = keys.ephemeral(presented)
+        if ephemeral is None and not keys.is_token(presented):
+            return _unauthorized("This server needs 'Authorization: Bearer <key>' with a valid, unexpired key "
+                                 "(mint one with POST /v1/realtime/client_secrets).")
+        key_session = ephemeral.session if ephemeral else None
     try:
         sdp, page_session, as_json = await _parse_offer(request)
     except _TooLarge:
@@ -169,8 +184,10 @@ async def create_call(request: web.Request) -> web.Response:
         call.end(f"set-up failed: {reply.status}", tell_page=False)
         await call.wait_closed()
         return reply
-    if page_session:
-        verdict = registry.policy.check(events.dumps(events.session_update(page_session)))
+    for session in (key_session, page_session):
+        if not session:
+            continue
+        verdict = registry.policy.check(events.dumps(events.session_update(session)))
         if verdict.forward:
             call.upstream.send(verdict.forward)
         for err in verdict.errors:
@@ -182,6 +199,34 @@ async def create_call(request: web.Request) -> web.Response:
         return web.json_response({"type": "answer", "sdp": answer, "call_id": call.id},
                                  status=201, headers={"Location": location})
     return web.Response(status=201, text=answer, content_type="application/sdp", headers={"Location": location})
+
+
+async def client_secret(request: web.Request) -> web.Response:
+    """Mint an ephemeral key, in OpenAI's request/response shape."""
+    keys = request.app[KEYS]
+    if keys.required and not keys.is_token(bearer(request)):
+        return _unauthorized("Minting keys needs 'Authorization: Bearer <BRIDGE_AUTH_TOKEN>'.")
+    if request.content_length and request.content_length > MAX_OFFER_BYTES:
+        return error_response(413, "body_too_large", f"Request body exceeds {MAX_OFFER_BYTES} bytes.")
+    body: Any = {}
+    if request.can_read_body:
+        if request.content_type != "application/json":
+            return error_response(415, "unsupported_media_type", "Send application/json.")
+        try:
+            body = json.loads(await read_body(request) or b"{}")
+        except (ValueError, _TooLarge):
+            return error_response(400, "invalid_json", "Request body is not valid JSON (or is too large).")
+    if not isinstance(body, dict):
+        return error_response(400, "invalid_json", "Request body must be a JSON object.")
+    ttl = (body.get("expires_after") or {}).get("seconds", DEFAULT_TTL_S)
+    if not isinstance(ttl, int) or not MIN_TTL_S <= ttl <= MAX_TTL_S:
+        return error_response(400, "invalid_value", f"expires_after.seconds must be an integer from {MIN_TTL_S} to {MAX_TTL_S}.",
+                              param="expires_after.seconds")
+    session = body.get("session")
+    if session is not None and not isinstance(session, dict):
+        return error_response(400, "invalid_value", "'session' must be an object.", param="session")
+    key = keys.mint(ttl, session)
+    return web.json_response({"value": key.value, "expires_at": int(key.expires_at), "session": session or {}})
 
 
 async def hangup(request: web.Request) -> web.Response:
@@ -253,6 +298,7 @@ async def index(request: web.Request) -> web.FileResponse:
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/realtime/calls", create_call)
     app.router.add_post("/v1/realtime/calls/{call_id}/hangup", hangup)
+    app.router.add_post("/v1/realtime/client_secrets", client_secret)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/config.json", page_config)

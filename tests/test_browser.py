@@ -125,3 +125,21 @@ async def test_the_page_shows_the_server_s_reason_when_a_call_is_refused(browser
     assert "502" in text and "could not reach upstream" in text
     assert await page.locator("#call").inner_text() == "Start"  # ready to try again
     assert await page.evaluate("window.bridge.pc") is None
+
+
+async def test_on_a_server_with_an_auth_token_a_link_with_a_key_connects_and_one_without_is_told_why(browser, start_bridge):
+    import aiohttp
+
+    async with RealtimeStub(auto=True, reply_text="Authorised and talking.", user_text="hello there") as stub:
+        bridge = await start_bridge(stub.url, auth_token="operator-token")
+        page = await browser.new_page()
+        await page.goto(bridge.url)
+        await page.click("#call")
+        await page.wait_for_function("window.bridge.state === 'failed'", timeout=15000)
+        assert "401" in await page.locator("#error").inner_text()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(bridge.url + "/v1/realtime/client_secrets", json={},
+                                 headers={"Authorization": "Bearer operator-token"}) as r:
+                key = (await r.json())["value"]
+        await page.close()
+        await run_page_call(browser, f"{bridge.url}/#key={key}", expect_user="hello there", expect_model="Authorised")

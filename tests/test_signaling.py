@@ -147,3 +147,39 @@ async def test_metrics_report_calls_loop_lag_and_audio_health(bridge, new_caller
     assert m["mic"]["frames"] > 5 and m["playback"]["frames"] > 5
     assert set(m["loop_lag_ms"]) == {"p50", "p99", "max"}
     assert m["process"]["threads"] > 0 and m["process"]["rss_mb"] > 0
+
+
+async def test_with_an_auth_token_calls_need_the_token_or_a_minted_ephemeral_key(stub, start_bridge, new_caller):
+    bridge = await start_bridge(stub.url, auth_token="s3cret-operator-token")
+    url = bridge.url + "/v1/realtime/calls"
+    status, body, headers = await post(url, "v=0", headers={"Authorization": "Bearer wrong"})
+    assert_error(status, body, 401, "invalid_api_key")
+    assert headers["WWW-Authenticate"] == "Bearer"
+    # minting needs the operator's token
+    status, body, _ = await post(bridge.url + "/v1/realtime/client_secrets", "{}", ctype="application/json")
+    assert_error(status, body, 401, "invalid_api_key")
+    status, body, _ = await post(bridge.url + "/v1/realtime/client_secrets",
+                                 '{"expires_after":{"anchor":"created_at","seconds":5}}', ctype="application/json",
+                                 headers={"Authorization": "Bearer s3cret-operator-token"})
+    assert_error(status, body, 400, "invalid_value")
+    status, minted, _ = await post(bridge.url + "/v1/realtime/client_secrets",
+                                   '{"session":{"type":"realtime","instructions":"from the key"}}',
+                                   ctype="application/json", headers={"Authorization": "Bearer s3cret-operator-token"})
+    assert status == 200 and minted["value"].startswith("ek_") and minted["expires_at"] > 0
+    # a browser with the ephemeral key gets its call, configured by the key's session
+    c = new_caller(bridge.url)
+    c.pc.addTrack(c.source)
+    c.pc.createDataChannel("oai-events")
+    await c.pc.setLocalDescription(await c.pc.createOffer())
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=c.pc.localDescription.sdp, headers={
+                "Content-Type": "application/sdp", "Authorization": f"Bearer {minted['value']}"}) as r:
+            assert r.status == 201
+    session = await stub.wait_session()
+    import asyncio
+    for _ in range(100):
+        if len(session.events_of("session.update")) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert session.events_of("session.update")[1]["session"]["instructions"] == "from the key"
+    assert "s3cret" not in str(session.events_of("session.update"))
