@@ -313,3 +313,29 @@ async def test_the_beta_handshake_is_refused_as_openai_does(local_url):
         assert event["error"]["code"] == "beta_api_shape_disabled"
         await ws.wait_closed()
         assert ws.close_code == 4000
+
+
+async def test_server_vad_create_response_false_waits_and_speech_interrupts_an_active_response(local_url, utterance_pcm):
+    async with sdk(local_url).realtime.connect(model="m") as conn:
+        await until(conn, "session.created")
+        await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": {
+            "type": "server_vad", "create_response": False, "interrupt_response": True, "silence_duration_ms": 400}}}})
+        await until(conn, "session.updated")
+        seen: list = []
+        await stream_realtime(conn, utterance_pcm, speed=2.0)
+        await until(conn, "input_audio_buffer.committed", seen=seen)
+        await asyncio.sleep(1.0)
+        # create_response: false: the turn is committed, but nobody answers until asked
+        await conn.send({"type": "conversation.item.retrieve", "item_id": "nope"})
+        await until(conn, "error", seen=seen)
+        assert not [e for e in seen if e.type == "response.created"]
+        # a long answer, then the user speaks over it: the server cancels it (turn_detected)
+        await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                  "content": [{"type": "input_text", "text": LONG_TEXT}]})
+        await conn.response.create()
+        await until(conn, "response.output_audio.delta")
+        sender = asyncio.ensure_future(stream_realtime(conn, utterance_pcm, speed=2.0))
+        done = await until(conn, "response.done", timeout=20)
+        await sender
+        assert done.response.status == "cancelled"
+        assert done.response.status_details.reason == "turn_detected"
