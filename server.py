@@ -10,15 +10,19 @@ from __future__ import annotations
 import asyncio
 import faulthandler
 import logging
+import os
 import signal
+import socket
 import ssl
 import sys
+from dataclasses import dataclass
 from typing import Optional
 
 from aiohttp import web
 
 import settings as config
 from signaling.app import build_app
+from signaling.routes import Workers
 
 
 def configure_logging(level: str) -> None:
@@ -28,13 +32,25 @@ def configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
-async def serve(settings: config.Settings, ready: Optional[asyncio.Event] = None) -> None:
+@dataclass
+class Listeners:
+    """Sockets bound by the parent before forking: this worker's share of the public port
+    (SO_REUSEPORT) and its loopback-only one (for hangups forwarded by its siblings)."""
+
+    public: socket.socket
+    internal: socket.socket
+    workers: Workers
+
+
+async def serve(settings: config.Settings, ready: Optional[asyncio.Event] = None,
+                listeners: Optional[Listeners] = None) -> None:
     runners: list[web.AppRunner] = []
     local_url: Optional[str] = None
+    workers = listeners.workers if listeners else Workers()
     if settings.uses_local_backend:
         from localrt.server import build_local_app  # imported only when used: it loads models
 
-        local_app = build_local_app(settings)
+        local_app = build_local_app(settings, stt_workers=max(1, (os.cpu_count() or 1) // workers.count))
         # The bridge reaches the backend like any upstream: a real WebSocket, on a
         # loopback-only listener (independent of TLS and of the public host).
         local_runner = web.AppRunner(local_app, handle_signals=False)
@@ -46,7 +62,7 @@ async def serve(settings: config.Settings, ready: Optional[asyncio.Event] = None
         local_url = f"ws://127.0.0.1:{port}/v1/realtime"
         logging.getLogger("server").info("local Realtime backend on %s (responder: %s)", local_url,
                                          settings.local_responder)
-    app = build_app(settings, settings.upstream_url(local_url))
+    app = build_app(settings, settings.upstream_url(local_url), workers)
     if local_url:
         from localrt.server import STT_POOL, add_local_routes
 
@@ -57,12 +73,16 @@ async def serve(settings: config.Settings, ready: Optional[asyncio.Event] = None
     if settings.tls_cert:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
-    await site.start()
+    if listeners:
+        await web.SockSite(runner, listeners.public, ssl_context=ssl_context).start()
+        await web.SockSite(runner, listeners.internal).start()
+    else:
+        await web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context).start()
     runners.insert(0, runner)
     scheme = "https" if ssl_context else "http"
     logging.getLogger("server").info(
-        "serving on %s://%s:%d (upstream: %s)", scheme, settings.host, settings.port,
+        "%sserving on %s://%s:%d (upstream: %s)",
+        f"worker {workers.index + 1}/{workers.count} " if workers.count > 1 else "", scheme, settings.host, settings.port,
         "embedded local backend" if local_url else _redacted(settings.upstream_url()))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -85,12 +105,60 @@ def _redacted(url: str) -> str:
     return redact(url)
 
 
+def run_workers(settings: config.Settings) -> int:
+    """One process per worker, forked before any event loop exists. The parent binds the
+    sockets, forwards SIGINT/SIGTERM, and waits; each worker is a whole server (its own calls,
+    its own local backend) accepting on the shared port."""
+    # One SO_REUSEPORT socket per worker on the same port: the kernel spreads new
+    # connections over them (a single shared socket wakes whichever process it likes).
+    public = [socket.create_server((settings.host, settings.port), backlog=512, reuse_port=True)
+              for _ in range(settings.workers)]
+    internal = [socket.create_server(("127.0.0.1", 0)) for _ in range(settings.workers)]
+    ports = tuple(s.getsockname()[1] for s in internal)
+    pids = []
+    for index in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:
+            for j in range(settings.workers):
+                if j != index:
+                    public[j].close()
+                    internal[j].close()
+            listeners = Listeners(public[index], internal[index], Workers(index, settings.workers, ports))
+            code = 0
+            try:
+                asyncio.run(serve(settings, listeners=listeners))
+            except BaseException:
+                logging.getLogger("server").exception("worker %d failed", index)
+                code = 1
+            os._exit(code)
+        pids.append(pid)
+    for sock in (*public, *internal):
+        sock.close()
+
+    def forward(signum, _frame) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    worst = 0
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        worst = max(worst, os.waitstatus_to_exitcode(status))
+    return worst
+
+
 def main() -> None:
     settings = config.load_or_exit()
     configure_logging(settings.log_level)
     # `kill -USR1 <pid>` prints every thread's stack to stderr: for a stuck server in production.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
+        if settings.workers > 1:
+            raise SystemExit(run_workers(settings))
         asyncio.run(serve(settings))
     except OSError as exc:
         print(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)

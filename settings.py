@@ -59,6 +59,7 @@ class IceServer:
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
+    workers: int = 1
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
     realtime_url: Optional[str] = None
@@ -233,6 +234,7 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("host", ("HOST",), str, "address to listen on (0.0.0.0 for other machines; phones need --tls-cert)"),
     Option("port", ("PORT",), _port, "TCP port for the page, signaling and the local backend"),
+    Option("workers", ("WORKERS",), _positive_int, "server processes sharing the port (one event loop each; use one per core); MAX_CALLS is split between them"),
     Option("tls_cert", ("TLS_CERT",), str, "PEM certificate: serve HTTPS (browsers only allow the mic on https or localhost)"),
     Option("tls_key", ("TLS_KEY",), str, "PEM private key for --tls-cert"),
     Option("realtime_url", ("REALTIME_URL",), _ws_url, "upstream Realtime WebSocket URL (default: OpenAI if a key is set, else the embedded local backend)"),

@@ -55,30 +55,54 @@ def write_result(name: str, data: dict) -> Path:
 
 
 class ProcStats:
-    """CPU seconds, RSS, fds and threads of a process, from /proc."""
+    """CPU seconds, RSS, fds and threads of a process and its children (a server with
+    worker processes counts whole), from /proc."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self._tick = os.sysconf("SC_CLK_TCK")
 
+    def pids(self) -> list[int]:
+        out, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            try:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    todo += [int(c) for c in open(f"/proc/{pid}/task/{tid}/children").read().split()]
+            except OSError:
+                pass
+        return out
+
+    def _sum(self, read) -> float:
+        total = 0.0
+        for pid in self.pids():
+            try:
+                total += read(pid)
+            except OSError:
+                pass  # a child that just exited
+        return total
+
     def cpu_seconds(self) -> float:
-        fields = open(f"/proc/{self.pid}/stat").read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / self._tick  # utime + stime
+        def one(pid: int) -> float:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / self._tick  # utime + stime
+        return self._sum(one)
 
-    def rss_mb(self) -> float:
-        for line in open(f"/proc/{self.pid}/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
-
-    def threads(self) -> int:
-        for line in open(f"/proc/{self.pid}/status"):
-            if line.startswith("Threads:"):
+    def _status(self, key: str, pid: int) -> int:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith(key):
                 return int(line.split()[1])
         return 0
 
+    def rss_mb(self) -> float:
+        return self._sum(lambda pid: self._status("VmRSS:", pid)) / 1024
+
+    def threads(self) -> int:
+        return int(self._sum(lambda pid: self._status("Threads:", pid)))
+
     def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+        return int(self._sum(lambda pid: len(os.listdir(f"/proc/{pid}/fd"))))
 
 
 def start_process(args: list[str], env: Optional[dict] = None, log: Optional[Path] = None) -> subprocess.Popen:

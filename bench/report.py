@@ -116,10 +116,21 @@ def write_report(r: dict) -> Path:
         lines.append(f"| {s['calls']} | {s['cpu_cores']} | {s['cpu_per_call']} | {lag['p50']}/{lag['p99']}/{lag['max']} | "
                      f"{s['playback_lateness_ms']['p99']} | {s['mic_lost_frames']} | {s['uplink_ms']['p95']} | {s['rss_mb']} | "
                      f"{s['rss_per_call_mb']} | {s['threads']} | {'yes' if s['fell_behind'] else 'no'} |")
+    two = r.get("capacity_2_workers")
+    if two:
+        lines += ["", f"The same ramp against `server.py --workers 2` (two processes on the port; CPU, RSS and threads "
+                  f"summed over both): **highest sustainable count {two['max_calls']}**.", "",
+                  "| calls | server cores | per call | loop lag p99 ms (worst worker) | frame lateness p99 ms | mic frames lost | uplink p95 ms | RSS MB | behind? |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for x in two["steps"]:
+            lines.append(f"| {x['calls']} | {x['cpu_cores']} | {x['cpu_per_call']} | {x['loop_lag_ms']['p99']} | "
+                         f"{x['playback_lateness_ms']['p99']} | {x['mic_lost_frames']} | {x['uplink_ms']['p95']} | "
+                         f"{x['rss_mb']} | {'yes' if x['fell_behind'] else 'no'} |")
+    else:
+        lines += ["", "The `--workers 2` ramp runs in the full suite only."]
     mem = r["memory"]
     lines += [
         "",
-        "Worker processes: the server runs one process; a multi-worker mode is not built yet, so 1 vs 2 workers is not reported.",
         "",
         f"![capacity]({pics['capacity']})",
         "",

@@ -346,6 +346,15 @@ async def run(quick: bool) -> dict:
         steps = [1, 5, 10] if quick else [1, 2, 4, 6, 8, 10, 12, 15, 20, 25, 30, 40]
         results["capacity"] = await capacity(srv, up, steps, 2.5 if quick else 10, 1.0 if quick else 2.0)
 
+        if not quick:
+            log("2b. capacity with --workers 2 (one process per core)")
+            two = Server(["server.py", "--workers", "2", "--realtime-url", up.url, "--max-calls", "500",
+                          "--log-level", "WARNING", "--media-timeout", "60", "--env-file", "/nonexistent"], "bridge_2w")
+            try:
+                results["capacity_2_workers"] = await capacity(two, up, steps, 10, 2.0)
+            finally:
+                two.stop()
+
         log("3. memory")
         results["memory"] = await memory_cycles(srv, 15 if quick else 300)
         mem = results["memory"]
@@ -394,6 +403,7 @@ def summary(r: dict) -> dict:
         "round_trip_p50_ms": r["baseline"]["bridge"]["round_trip_ms"]["p50"],
         "baseline_round_trip_p50_ms": r["baseline"]["bare_aiortc_echo"]["round_trip_ms"]["p50"],
         "max_calls": cap["max_calls"], "max_calls_tested": cap["steps"][-1]["calls"],
+        "max_calls_2_workers": (r.get("capacity_2_workers") or {}).get("max_calls"),
         "rss_per_call_mb": at["rss_per_call_mb"],
         "rss_growth_per_cycle_kb": r["memory"]["rss_growth_per_cycle_kb"],
         "loss_uplink_p95_ms": {str(int(x["loss_pct"])): x["uplink_ms"]["p95"] for x in r["loss"]["levels"]},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Optional
 
 from aiohttp import WSMsgType, web
 
@@ -78,7 +79,7 @@ def add_local_routes(app: web.Application, settings: Settings, pool: STTPool) ->
     app.router.add_get("/v1/realtime", realtime_ws)
 
 
-def build_local_app(settings: Settings) -> web.Application:
+def build_local_app(settings: Settings, stt_workers: Optional[int] = None) -> web.Application:
     if not espeak_available():
         raise SystemExit("error: the local backend needs espeak-ng (apt-get install espeak-ng, or ./run.sh does it)")
     try:
@@ -86,7 +87,7 @@ def build_local_app(settings: Settings) -> web.Application:
     except ValueError as exc:
         raise SystemExit(f"config error: --local-responder (LOCAL_RESPONDER) = {settings.local_responder!r}: {exc}") from None
     app = web.Application()
-    pool = STTPool()
+    pool = STTPool(stt_workers)
     add_local_routes(app, settings, pool)
 
     async def lifecycle(app: web.Application):

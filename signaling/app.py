@@ -10,13 +10,13 @@ from .cors import Cors
 from . import metrics
 from .errors import error_middleware
 from .auth import KeyRing
-from .routes import KEYS, REGISTRY, SETTINGS, CallRegistry, add_routes
+from .routes import KEYS, REGISTRY, SETTINGS, CallRegistry, Workers, add_routes
 
 
-def build_app(settings: Settings, upstream_url: str) -> web.Application:
+def build_app(settings: Settings, upstream_url: str, workers: Workers = Workers()) -> web.Application:
     app = web.Application(middlewares=[Cors(settings.cors_origins).middleware, error_middleware])
     app[SETTINGS] = settings
-    app[REGISTRY] = CallRegistry(settings, upstream_url)
+    app[REGISTRY] = CallRegistry(settings, upstream_url, workers)
     app[KEYS] = KeyRing(settings.auth_token)
     add_routes(app)
     metrics.install(app)

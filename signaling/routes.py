@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import aiohttp
 from aiohttp import web
 
 from realtime import events
@@ -34,22 +36,41 @@ MAX_OFFER_BYTES = 64 * 1024
 CLIENT_DIR = Path(__file__).resolve().parent.parent / "client"
 
 
+@dataclass(frozen=True)
+class Workers:
+    """Where this process stands among the server's worker processes."""
+
+    index: int = 0
+    count: int = 1
+    internal_ports: tuple[int, ...] = ()  # each worker's loopback-only port, for forwarded hangups
+
+    def owner(self, call_id: str) -> Optional[int]:
+        """The worker a call id belongs to (ids end in `w<index>` when there are several)."""
+        head, sep, tail = call_id.rpartition("w")
+        return int(tail) if sep and tail.isdigit() and int(tail) < self.count else None
+
+
 class CallRegistry:
     """The live calls of this process. A call removes itself when it has closed."""
 
-    def __init__(self, settings: Settings, upstream_url: str) -> None:
+    def __init__(self, settings: Settings, upstream_url: str, workers: Workers = Workers()) -> None:
         self.settings = settings
         self.upstream_url = upstream_url
+        self.workers = workers
         self.calls: dict[str, Call] = {}
         self.policy = ClientEventPolicy(settings.client_events, settings.session_fields)
         self.total = 0
+        # the operator's limit is for the whole server: each worker takes its share
+        self.max_calls = -(-settings.max_calls // workers.count)
 
     @property
     def full(self) -> bool:
-        return len(self.calls) >= self.settings.max_calls
+        return len(self.calls) >= self.max_calls
 
     def create(self) -> Call:
         call_id = events.new_id("rtc")
+        if self.workers.count > 1:
+            call_id += f"w{self.workers.index}"
         upstream = UpstreamSession(self.upstream_url, self.settings.upstream_headers())
         call = Call(call_id, self.settings, upstream, self.policy, on_closed=self._closed)
         self.calls[call_id] = call
@@ -233,6 +254,9 @@ async def hangup(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     call_id = request.match_info["call_id"]
     call = registry.calls.get(call_id)
+    owner = registry.workers.owner(call_id)
+    if call is None and owner is not None and owner != registry.workers.index:
+        return await _forward_hangup(registry.workers.internal_ports[owner], call_id)
     if call is None:
         return error_response(404, "call_not_found", f"No active call with id '{call_id}'.", param="call_id")
     call.end("hung up by the client", tell_page=False)
@@ -240,16 +264,72 @@ async def hangup(request: web.Request) -> web.Response:
     return web.json_response({"id": call_id, "status": "ended"})
 
 
+async def _forward_hangup(port: int, call_id: str) -> web.Response:
+    """The call lives in another worker process: ask that worker, over loopback."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            async with http.post(f"http://127.0.0.1:{port}/v1/realtime/calls/{call_id}/hangup") as r:
+                return web.Response(status=r.status, body=await r.read(), content_type="application/json")
+    except aiohttp.ClientError:
+        return error_response(503, "worker_unavailable", "The worker holding this call did not answer.")
+
+
+async def _siblings(request: web.Request, path: str) -> list[dict]:
+    """The same report from every other worker process (over loopback), for a whole-server view."""
+    workers = request.app[REGISTRY].workers
+    if workers.count == 1 or "local" in request.query:
+        return []
+    query = "&".join(f"{k}={v}" for k, v in request.query.items())
+    urls = [f"http://127.0.0.1:{port}{path}?local=1{'&' + query if query else ''}"
+            for i, port in enumerate(workers.internal_ports) if i != workers.index]
+
+    async def one(http: aiohttp.ClientSession, url: str) -> dict:
+        async with http.get(url) as r:
+            return await r.json()
+
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            return list(await asyncio.gather(*(one(http, u) for u in urls)))
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return []
+
+
+def _combine(reports: list[dict]) -> dict:
+    """Numbers add up across workers, except percentiles and maxima: those take the worst worker."""
+    first = reports[0]
+    out: dict = {}
+    for key, value in first.items():
+        values = [r.get(key) for r in reports]
+        if isinstance(value, dict):
+            out[key] = _combine([v for v in values if isinstance(v, dict)])
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            worst = key in ("p50", "p99", "max")
+            out[key] = max(values) if worst else round(sum(values), 2)
+        else:
+            out[key] = value
+    return out
+
+
 async def healthz(request: web.Request) -> web.Response:
+    """Readiness; with several workers, calls are counted over all of them."""
+    reports = [_health(request), *await _siblings(request, "/healthz")]
+    combined = _combine(reports)
+    combined["worker"], combined["workers"] = reports[0]["worker"], reports[0]["workers"]
+    return web.json_response(combined)
+
+
+def _health(request: web.Request) -> dict:
     registry = request.app[REGISTRY]
     settings = request.app[SETTINGS]
-    return web.json_response({
+    return {
         "status": "ok",
         "active_calls": len(registry.calls),
-        "max_calls": settings.max_calls,
+        "max_calls": registry.max_calls,
         "total_calls": registry.total,
+        "worker": registry.workers.index,
+        "workers": registry.workers.count,
         "upstream": "local" if settings.uses_local_backend else "remote",
-    })
+    }
 
 
 def _since(request: web.Request) -> float:
@@ -260,13 +340,18 @@ def _since(request: web.Request) -> float:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Process health as JSON; `?since=SECONDS` sets the loop-lag window (default 60)."""
+    """Server health as JSON; `?since=SECONDS` sets the loop-lag window (default 60). With
+    several workers, counts add up and percentiles are the worst worker's."""
+    return web.json_response(_combine([_metrics(request), *await _siblings(request, "/metrics")]))
+
+
+def _metrics(request: web.Request) -> dict:
     from .metrics import LOOP_LAG, percentiles, process_stats
 
     registry = request.app[REGISTRY]
     calls = list(registry.calls.values())
     lateness = [x for c in calls for x in c.playback.stats.lateness_ms]
-    return web.json_response({
+    return {
         "active_calls": len(calls),
         "total_calls": registry.total,
         "loop_lag_ms": request.app[LOOP_LAG].summary(_since(request)) if LOOP_LAG in request.app else None,
@@ -284,7 +369,7 @@ async def metrics(request: web.Request) -> web.Response:
             "late_dropped": sum(c.receive_buffer.stats.late for c in calls if c.receive_buffer),
         },
         "process": process_stats(),
-    })
+    }
 
 
 async def page_config(request: web.Request) -> web.Response:

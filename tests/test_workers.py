@@ -1,0 +1,66 @@
+"""`server.py --workers 2`: two processes share the port; calls and hangups work whichever
+process the kernel hands a request to."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from harness.caller import Caller
+from tests.conftest import eventually
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def test_two_workers_share_the_port_and_any_worker_hangs_up_any_call(stub):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "REALTIME_URL")}
+    proc = subprocess.Popen([sys.executable, "server.py", "--workers", "2", "--port", str(port), "--max-calls", "20",
+                             "--realtime-url", stub.url, "--env-file", "/nonexistent"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    callers = []
+    try:
+        workers_seen = set()
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                try:
+                    async with http.get(url + "/healthz") as r:
+                        health = await r.json()
+                        assert health["workers"] == 2 and health["max_calls"] == 20  # the whole server
+                        break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+        for _ in range(8):
+            c = Caller(url)
+            await c.connect()
+            callers.append(c)
+            workers_seen.add(c.call_id[-2:])
+        assert workers_seen == {"w0", "w1"}  # the kernel spread the calls over both processes
+        await eventually(lambda: len(stub.sessions) == 8, what="eight upstream sessions")
+        async with aiohttp.ClientSession() as http:
+            for path in ("/healthz", "/metrics"):  # whichever worker answers, it speaks for the server
+                async with http.get(url + path) as r:
+                    assert (await r.json())["active_calls"] == 8
+        # every hangup succeeds, including those that reach the other worker and are forwarded
+        assert [await c.hangup() for c in callers] == [200] * 8
+        await eventually(lambda: all(s.ws.state.name == "CLOSED" for s in stub.sessions), what="upstreams closed")
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/v1/realtime/calls/{callers[0].call_id}/hangup") as r:
+                assert r.status == 404  # gone, whichever worker answers
+    finally:
+        for c in callers:
+            await c.close()
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, output
+    assert output.count("serving on") == 2 and "Traceback" not in output
