@@ -179,7 +179,10 @@ def write_report(r: dict) -> Path:
         "## 5. Baseline: bare aiortc echo peer, same clients, same run",
         "",
         f"{b['bridge']['calls']} full-duplex calls each. The bridge's upstream echoes every append back as a delta, so both "
-        "paths carry audio both ways; round trip = caller marker → back in the caller's decoded audio.",
+        "paths carry audio both ways; round trip = caller marker → back in the caller's decoded audio. The round trip "
+        "includes the bench caller's own aiortc jitter buffer and the phase of the echoed stream against the playback "
+        "clock (a standing queue of 0–3 frames), so it moves between runs; p50 of each repeat: bridge "
+        f"{b['bridge'].get('round_trip_p50_runs', 'n/a')}, bare {b['bare_aiortc_echo'].get('round_trip_p50_runs', 'n/a')}.",
         "",
         "| | CPU per call (cores, median; every run) | round trip p50/p95/p99/max ms | RSS MB |",
         "|---|---|---|---|",
@@ -195,6 +198,11 @@ def write_report(r: dict) -> Path:
         lines.append(f"Not measured in this run: {rel.get('skipped') or rel.get('refused')}")
     else:
         lines += [rel.get("setup", ""), "",
+                  "Read with care: this veth link has no propagation delay (the kernel here has no netem), so TCP "
+                  "recovers a lost segment within about one frame; on a mobile path with a 50–100 ms round trip every "
+                  "recovery costs at least that, and the WebSocket figures here are its best case. The RTP path's p95 "
+                  "under loss is the receive buffer's 40 ms wait for a missing packet (`REORDER_WAIT_MS`); markers lost "
+                  "on RTP are packets that never arrived (concealed as silence), where TCP would have stalled instead.", "",
                   "| loss % | path | latency p50/p95/p99/max ms | stalls ≥200 ms per min | markers lost |", "|---|---|---|---|---|"]
         for row in rel["rows"]:
             lines.append(f"| {row['loss_pct']:.0f} | {row['path']} | {_p(row['latency_ms'])} | {row['stalls_per_min']} | {row['lost']} |")
@@ -219,7 +227,8 @@ def update_readme(r: dict) -> None:
         f"| downlink latency p50 / p95 / p99 (model's delta → caller decoded) | {s['downlink_ms']['p50']} / {s['downlink_ms']['p95']} / {s['downlink_ms']['p99']} ms | includes the caller's aiortc jitter buffer (≈80 ms) |",
         f"| round trip p50, caller → model → caller | {s['round_trip_p50_ms']} ms | bare aiortc echo peer: {s['baseline_round_trip_p50_ms']} ms ({base['ratios']['round_trip_p50']}×) |",
         f"| server CPU per full-duplex call | {s['cpu_per_call']} cores | bare aiortc echo peer: {s['baseline_cpu_per_call']} cores ({s['cpu_ratio_vs_baseline']}×) |",
-        f"| calls one process sustains (clients on the same 2 cores) | {s['max_calls']} | |",
+        f"| calls one process sustains (clients on the same 2 cores) | {s['max_calls']} | "
+        f"{'with `--workers 2`: ' + str(s['max_calls_2_workers']) if s.get('max_calls_2_workers') else ''} |",
         f"| RSS growth over {r['memory']['cycles']} connect/hang-up cycles | {s['rss_growth_per_cycle_kb']} KB per cycle | |",
     ]
     for pct in (5, 20):

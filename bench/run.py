@@ -165,7 +165,8 @@ def merge_cost(runs: list[dict]) -> dict:
     """Median of the repeats, with every repeat's CPU per call kept as the spread."""
     per_call = sorted(r["cpu_per_call"] for r in runs)
     mid = sorted(runs, key=lambda r: r["cpu_per_call"])[len(runs) // 2]
-    return {**mid, "cpu_per_call_runs": per_call}
+    return {**mid, "cpu_per_call_runs": per_call,
+            "round_trip_p50_runs": [r["round_trip_ms"]["p50"] for r in runs]}
 
 
 # -- sections ----------------------------------------------------------------------------
