@@ -68,6 +68,43 @@ def plots(r: dict) -> dict[str, str]:
     return out
 
 
+def _capacity_table(steps: list[dict], per_worker_detail: bool) -> list[str]:
+    """The capacity ramp as a table; the one-process table also shows lag spread, RSS/call and threads."""
+    if per_worker_detail:
+        head = ("| calls | server cores | per call | loop lag p50/p99/max ms | frame lateness p99 ms | mic frames lost | "
+                "uplink p95 ms | RSS MB | RSS/call MB | threads | behind? |")
+    else:
+        head = ("| calls | server cores | per call | loop lag p99 ms (worst worker) | frame lateness p99 ms | mic frames lost | "
+                "uplink p95 ms | RSS MB | behind? |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for x in steps:
+        lag = x["loop_lag_ms"]
+        lag_cell = f"{lag['p50']}/{lag['p99']}/{lag['max']}" if per_worker_detail else f"{lag['p99']}"
+        tail = f"{x['rss_mb']} | {x['rss_per_call_mb']} | {x['threads']}" if per_worker_detail else f"{x['rss_mb']}"
+        rows.append(f"| {x['calls']} | {x['cpu_cores']} | {x['cpu_per_call']} | {lag_cell} | "
+                    f"{x['playback_lateness_ms']['p99']} | {x['mic_lost_frames']} | {x['uplink_ms']['p95']} | "
+                    f"{tail} | {'yes' if x['fell_behind'] else 'no'} |")
+    return rows
+
+
+def _loss_table(levels: list[dict], with_downlink: bool) -> list[str]:
+    if with_downlink:
+        head = ("| loss % | uplink p50/p95/p99/max | uplink p50 1st half → 2nd half | downlink p50/p95/p99/max | "
+                "gaps ≥60 ms per min up / down | markers lost up / down (of sent) |")
+    else:
+        head = ("| loss % | uplink p50/p95/p99/max | uplink p50 1st half → 2nd half | gaps ≥60 ms per min up | "
+                "markers lost up (of sent) |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for x in levels:
+        down = f"{_p(x['downlink_ms'])} | " if with_downlink else ""
+        gaps = f"{x['uplink_gaps_per_min']} / {x['downlink_gaps_per_min']}" if with_downlink else f"{x['uplink_gaps_per_min']}"
+        lost = (f"{x['uplink_markers_lost']} / {x['downlink_markers_lost']}" if with_downlink
+                else f"{x['uplink_markers_lost']}")
+        rows.append(f"| {x['loss_pct']:.0f} | {_p(x['uplink_ms'])} | {x['uplink_first_half_ms']['p50']} → "
+                    f"{x['uplink_second_half_ms']['p50']} | {down}{gaps} | {lost} (of {x['markers_sent']}) |")
+    return rows
+
+
 def _p(d: dict | None) -> str:
     if not d or d.get("p50") is None:
         return "—"
@@ -108,24 +145,13 @@ def write_report(r: dict) -> Path:
         f"Criteria: {r['capacity']['criteria']}. **Highest sustainable count: {r['capacity']['max_calls']}** "
         f"(of {r['capacity']['steps'][-1]['calls']} tried). Clients run on the same 2 cores, so their CPU competes with the server's.",
         "",
-        "| calls | server cores | per call | loop lag p50/p99/max ms | frame lateness p99 ms | mic frames lost | uplink p95 ms | RSS MB | RSS/call MB | threads | behind? |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *_capacity_table(r["capacity"]["steps"], per_worker_detail=True),
     ]
-    for s in r["capacity"]["steps"]:
-        lag = s["loop_lag_ms"]
-        lines.append(f"| {s['calls']} | {s['cpu_cores']} | {s['cpu_per_call']} | {lag['p50']}/{lag['p99']}/{lag['max']} | "
-                     f"{s['playback_lateness_ms']['p99']} | {s['mic_lost_frames']} | {s['uplink_ms']['p95']} | {s['rss_mb']} | "
-                     f"{s['rss_per_call_mb']} | {s['threads']} | {'yes' if s['fell_behind'] else 'no'} |")
     two = r.get("capacity_2_workers")
     if two:
         lines += ["", f"The same ramp against `server.py --workers 2` (two processes on the port; CPU, RSS and threads "
                   f"summed over both): **highest sustainable count {two['max_calls']}**.", "",
-                  "| calls | server cores | per call | loop lag p99 ms (worst worker) | frame lateness p99 ms | mic frames lost | uplink p95 ms | RSS MB | behind? |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for x in two["steps"]:
-            lines.append(f"| {x['calls']} | {x['cpu_cores']} | {x['cpu_per_call']} | {x['loop_lag_ms']['p99']} | "
-                         f"{x['playback_lateness_ms']['p99']} | {x['mic_lost_frames']} | {x['uplink_ms']['p95']} | "
-                         f"{x['rss_mb']} | {'yes' if x['fell_behind'] else 'no'} |")
+                  *_capacity_table(two["steps"], per_worker_detail=False)]
     else:
         lines += ["", "The `--workers 2` ramp runs in the full suite only."]
     mem = r["memory"]
@@ -154,22 +180,12 @@ def write_report(r: dict) -> Path:
         "that queue) and is received by the bench caller's own aiortc jitter buffer, which stands in for the browser's: "
         "a browser's NetEq conceals loss far better, so downlink gaps and lost markers are the pessimistic side.",
         "",
-        "| loss % | uplink p50/p95/p99/max | uplink p50 1st half → 2nd half | downlink p50/p95/p99/max | gaps ≥60 ms per min up / down | markers lost up / down (of sent) |",
-        "|---|---|---|---|---|---|",
+        *_loss_table(r["loss"]["levels"], with_downlink=True),
     ]
-    for x in r["loss"]["levels"]:
-        lines.append(f"| {x['loss_pct']:.0f} | {_p(x['uplink_ms'])} | {x['uplink_first_half_ms']['p50']} → {x['uplink_second_half_ms']['p50']} | "
-                     f"{_p(x['downlink_ms'])} | {x['uplink_gaps_per_min']} / {x['downlink_gaps_per_min']} | "
-                     f"{x['uplink_markers_lost']} / {x['downlink_markers_lost']} (of {x['markers_sent']}) |")
     old = r.get("loss_aiortc_buffer")
     if old:
         lines += ["", f"The same bridge with aiortc's own jitter buffer (`--jitter-buffer aiortc`), same run, "
-                  f"{old['seconds_per_level']} s per level:", "",
-                  "| loss % | uplink p50/p95/p99/max | uplink p50 1st half → 2nd half | gaps ≥60 ms per min up | markers lost up (of sent) |",
-                  "|---|---|---|---|---|"]
-        for x in old["levels"]:
-            lines.append(f"| {x['loss_pct']:.0f} | {_p(x['uplink_ms'])} | {x['uplink_first_half_ms']['p50']} → "
-                         f"{x['uplink_second_half_ms']['p50']} | {x['uplink_gaps_per_min']} | {x['uplink_markers_lost']} (of {x['markers_sent']}) |")
+                  f"{old['seconds_per_level']} s per level:", "", *_loss_table(old["levels"], with_downlink=False)]
     b = r["baseline"]
     lines += [
         "",
