@@ -8,7 +8,6 @@ caller's audio track is sent straight back. Speaks the same offer/answer route
 from __future__ import annotations
 
 import argparse
-import asyncio
 import uuid
 
 from aiohttp import web

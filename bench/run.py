@@ -25,9 +25,8 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp  # noqa: E402
-import numpy as np  # noqa: E402
 
-from bench.common import ProcStats, free_port, machine, pcts, start_process, wait_http, write_result, RESULTS  # noqa: E402
+from bench.common import ProcStats, free_port, pcts, start_process, wait_http, write_result, RESULTS  # noqa: E402
 from bench.impair import Impairment  # noqa: E402
 from bench.markers import MarkerSource, OnsetDetector, PreEncodedSource, pair  # noqa: E402
 from bench.upstream import InstantUpstream, UpSession  # noqa: E402

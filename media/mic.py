@@ -42,19 +42,6 @@ class MicStats:
     concealed_ms: float = 0.0
 
 
-class Downsampler:
-    """One stateful resampler per call: any layout/rate in, 24 kHz mono PCM16 bytes out.
-
-    The frame's pts is overwritten (the resampler needs a continuous timeline;
-    gaps are accounted for by the pump), so read it before calling this."""
-
-    def __init__(self) -> None:
-        self._resampler = StreamResampler(REALTIME_RATE, "mono")
-
-    def __call__(self, frame: av.AudioFrame) -> bytes:
-        return self._resampler.frame(frame).tobytes()
-
-
 class MicPump:
     """Reads a remote audio track for the life of a call and hands PCM chunks to `sink`."""
 
@@ -68,7 +55,7 @@ class MicPump:
         self._track = track
         self._sink = sink
         self._timeout_s = timeout_s
-        self._downsample = Downsampler()
+        self._resampler = StreamResampler(REALTIME_RATE, "mono")  # one per call: it is stateful
         self._next_pts: Optional[int] = None
         self.stats = MicStats()
 
@@ -84,7 +71,8 @@ class MicPump:
                 return
             except asyncio.TimeoutError:
                 raise MicTimeout(f"no audio from the caller for {self._timeout_s:g} s") from None
-            pcm = self._conceal_gap(frame) + self._downsample(frame)
+            concealed = self._conceal_gap(frame)  # reads pts, which the resampler then overwrites
+            pcm = concealed + self._resampler.frame(frame).tobytes()
             self.stats.frames += 1
             self.stats.samples_out += len(pcm) // 2
             await self._sink(pcm)

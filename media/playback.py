@@ -32,7 +32,7 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .resample import StreamResampler
-from .audio import FRAME_BYTES, FRAME_MS, FRAME_SAMPLES, REALTIME_RATE, RTP_RATE, samples_to_ms
+from .audio import FRAME_BYTES, FRAME_MS, REALTIME_RATE, RTP_RATE, samples_to_ms
 
 logger = logging.getLogger(__name__)
 

@@ -7,11 +7,9 @@ import asyncio
 import shutil
 
 import pytest
-from aiohttp import web
 
 from harness.stub import RealtimeStub
 from media.audio import rms_dbfs
-from tests.conftest import eventually
 from tests.speech import speech_wav
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

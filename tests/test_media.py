@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import fractions
 
 import av
 import numpy as np
 import pytest
 
-from media.audio import FRAME_SAMPLES, REALTIME_RATE, dominant_frequency, rms_dbfs, tone
-from media.mic import Downsampler, MicPump
+from media.audio import REALTIME_RATE, dominant_frequency, rms_dbfs, tone
+from media.mic import MicPump
+from media.resample import StreamResampler
 from media.playback import PlaybackTrack, ItemPlayout
 
 
@@ -26,8 +26,8 @@ def stereo_48k_frames(freq: float, seconds: float, level: float = 0.5, start_pts
 
 
 def test_a_440hz_tone_at_48k_stereo_comes_out_440hz_at_24k_mono_at_the_same_level():
-    down = Downsampler()
-    pcm = b"".join(down(f) for f in stereo_48k_frames(440, 2.0))
+    down = StreamResampler(REALTIME_RATE)
+    pcm = b"".join(down.frame(f).tobytes() for f in stereo_48k_frames(440, 2.0))
     steady = pcm[REALTIME_RATE:]  # skip the first half second of filter warm-up
     assert abs(dominant_frequency(steady) - 440) < 1.0
     assert abs(rms_dbfs(steady) - rms_dbfs(tone(440, 1000))) < 0.2
@@ -35,12 +35,12 @@ def test_a_440hz_tone_at_48k_stereo_comes_out_440hz_at_24k_mono_at_the_same_leve
     assert abs(len(pcm) // 2 - 2 * REALTIME_RATE) <= 24
 
 
-def test_the_downsampler_survives_a_change_of_input_format():
-    down = Downsampler()
-    down(next(stereo_48k_frames(440, 0.02)))
+def test_the_resampler_survives_a_change_of_input_format():
+    down = StreamResampler(REALTIME_RATE)
+    down.frame(next(stereo_48k_frames(440, 0.02)))
     mono = av.AudioFrame.from_ndarray(np.zeros((1, 320), dtype="<i2"), format="s16", layout="mono")
     mono.sample_rate = 16000
-    assert len(down(mono)) > 0
+    assert len(down.frame(mono)) > 0
 
 
 class ListTrack:
