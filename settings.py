@@ -79,8 +79,11 @@ class Settings:
     max_call_seconds: float = 3600.0
     connect_timeout: float = 15.0
     media_timeout: float = 10.0
-    jitter_buffer: str = "reorder"
+    audio_path: str = "libopus"
     reorder_wait_ms: int = 40
+    red: bool = True
+    opus_bitrate: int = 32000
+    opus_dtx: bool = False
     auth_token: Optional[str] = field(default=None, repr=False)
     cors_origins: tuple[str, ...] = ()
     client_events: tuple[str, ...] = DEFAULT_CLIENT_EVENTS
@@ -201,6 +204,22 @@ def _non_negative_int(v: str) -> int:
     return n
 
 
+def _bool(v: str) -> bool:
+    low = v.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _bitrate(v: str) -> int:
+    n = int(v)
+    if not 6000 <= n <= 128000:
+        raise ValueError("must be between 6000 and 128000")
+    return n
+
+
 def _csv(v: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in v.split(",") if x.strip())
 
@@ -256,8 +275,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_call_seconds", ("MAX_CALL_SECONDS",), _positive_float, "a call is ended after this long"),
     Option("connect_timeout", ("CONNECT_TIMEOUT",), _positive_float, "seconds for ICE+DTLS to connect before the call is dropped"),
     Option("media_timeout", ("MEDIA_TIMEOUT",), _positive_float, "seconds without audio from the caller before the call is ended"),
-    Option("jitter_buffer", ("JITTER_BUFFER",), _choice("reorder", "aiortc"), "receive buffer for the caller's audio: 'reorder' releases packets at once and waits only for reordering (see media/jitter.py); 'aiortc' keeps aiortc's playout buffer (80 ms prefetch, ratchets after loss)"),
-    Option("reorder_wait_ms", ("REORDER_WAIT_MS",), _non_negative_int, "longest wait for a missing packet before it is given up as lost, ms (rounded down to 20 ms packets)"),
+    Option("audio_path", ("AUDIO_PATH",), _choice("libopus", "aiortc"), "Opus both ways: 'libopus' is the bridge's own (answer asks for in-band FEC and RED; lost packets rebuilt from RED, then FEC, then concealment; 24 kHz mono encoder with FEC sized from the browser's loss reports); 'aiortc' is aiortc's stock path (its jitter buffer, PyAV decode + resample, 96 kb/s CELT encoder, no FEC, lost audio becomes silence)"),
+    Option("reorder_wait_ms", ("REORDER_WAIT_MS",), _non_negative_int, "longest wait for a missing packet before it is given up and rebuilt, ms (rounded down to 20 ms packets; no wait when the next packet carries the lost audio)"),
+    Option("red", ("AUDIO_RED",), _bool, "negotiate redundant audio (RED, RFC 2198) with browsers that offer it: each packet also carries the previous frame (about twice the audio bitrate), so a lost packet is rebuilt exactly"),
+    Option("opus_bitrate", ("OPUS_BITRATE",), _bitrate, "bitrate of the audio sent to the browser, bits/s (6000-128000; 24 kHz mono speech, in-band FEC on top)"),
+    Option("opus_dtx", ("OPUS_DTX",), _bool, "discontinuous transmission toward the browser: almost no packets while the model is silent"),
     Option("auth_token", ("BRIDGE_AUTH_TOKEN",), str, "if set, creating a call needs 'Authorization: Bearer' with this token or an ephemeral key from POST /v1/realtime/client_secrets (default: open)", secret=True),
     Option("cors_origins", ("CORS_ORIGINS",), _csv, "comma-separated origins allowed to call the API from other sites ('*' for any; default: same origin only)"),
     Option("client_events", ("ALLOWED_CLIENT_EVENTS",), _csv, "client event types the page may send upstream"),

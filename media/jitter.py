@@ -9,15 +9,17 @@ rest of the call (aiortc issue #543). Measured here: uplink 82 ms with no loss,
 A model has no playout clock to protect, so this buffer releases every packet
 the moment it is in order, waits at most `max_wait` packets' worth of later
 arrivals for a missing one (reordering), then gives the hole up; a packet that
-arrives after its slot was given up is dropped. Holes become pts gaps, which
-`MicPump` counts and fills with silence. Latency never ratchets.
+arrives after its slot was given up is dropped. It does not wait at all when the
+packet after the hole already carries the lost audio (RED or in-band FEC: the
+`recoverable` check). Holes are filled by the decoder (`media/uplink.py`).
+Latency never ratchets.
 
 aiortc's receiver hands its jitter buffer one packet and takes back at most one
-frame; releasing a held run after a hole needs more, so `install()` gives this
-buffer the receiver's decoder queue to feed directly (in order, through the
-receiver's own timestamp mapper). That reaches into aiortc 1.16's private state,
-which is why `install()` checks it and falls back to aiortc's buffer, with a
-warning, if it is not there.
+frame, for its decoder thread. `install()` takes that slot and hands the packets,
+in order, to the call's own decoder on the event loop instead: no thread hop,
+no PyAV decoder, no resampler. That reaches into aiortc 1.16's private state,
+which is why `install()` checks it and returns None (the caller falls back to
+aiortc's own path, with a warning) if it is not there.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class JitterStats:
     lost: int = 0  # holes given up
     late: int = 0  # packets that came after their hole was given up (or duplicates)
     recovered: int = 0  # reordered packets that arrived in time to fill a hole
+    skipped: int = 0  # holes given up at once: the next packet carried their audio
 
 
 def seq_distance(a: int, b: int) -> int:
@@ -53,8 +56,10 @@ def seq_distance(a: int, b: int) -> int:
 class ReorderBuffer:
     """In-order, immediate release; bounded wait for a missing packet."""
 
-    def __init__(self, deliver: Callable[[RtpPacket], None], max_wait: int = 2) -> None:
+    def __init__(self, deliver: Callable[[RtpPacket], None], max_wait: int = 2,
+                 recoverable: Optional[Callable[[RtpPacket], bool]] = None) -> None:
         self._deliver = deliver
+        self._recoverable = recoverable
         self.max_wait = max_wait
         self._next: Optional[int] = None
         self._held: dict[int, RtpPacket] = {}
@@ -90,32 +95,29 @@ class ReorderBuffer:
                 self._deliver(packet)
                 self.stats.released += 1
             else:
-                newest = max(seq_distance(s, self._next) for s in self._held)
-                if newest <= self.max_wait:
-                    return  # a later packet may still fill the hole
+                distances = [seq_distance(s, self._next) for s in self._held]
+                if max(distances) <= self.max_wait:
+                    following = self._held[(self._next + min(distances)) & 0xFFFF]
+                    if self._recoverable is None or not self._recoverable(following):
+                        return  # a later packet may still fill the hole
+                    self.stats.skipped += min(distances)
+                    self.stats.lost += min(distances)
+                    self._next = (self._next + min(distances)) & 0xFFFF
+                    continue
                 self.stats.lost += 1
             self._next = (self._next + 1) & 0xFFFF
 
 
-def install(receiver: RTCRtpReceiver, max_wait: int = 2) -> Optional[ReorderBuffer]:
-    """Put a ReorderBuffer in an audio receiver. Returns None (aiortc's buffer stays) if
-    this aiortc does not have the internals it needs."""
+def install(receiver: RTCRtpReceiver, deliver: Callable[[RtpPacket], None], max_wait: int = 2,
+            recoverable: Optional[Callable[[RtpPacket], bool]] = None) -> Optional[ReorderBuffer]:
+    """Put a ReorderBuffer in an audio receiver, releasing packets to `deliver` instead of
+    aiortc's decoder thread. Returns None (nothing changed) if this aiortc does not have
+    the internals it needs."""
     try:
-        codecs = receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
-        decoder_queue = receiver._RTCRtpReceiver__decoder_queue  # type: ignore[attr-defined]
-        mapper = receiver._RTCRtpReceiver__timestamp_mapper  # type: ignore[attr-defined]
         receiver._RTCRtpReceiver__jitter_buffer  # type: ignore[attr-defined]  # noqa: B018
     except AttributeError:
-        logger.warning("aiortc's receiver internals differ from 1.16: keeping its jitter buffer")
+        logger.warning("aiortc's receiver internals differ from 1.16: keeping its own audio path")
         return None
-
-    def deliver(packet: RtpPacket) -> None:
-        codec = codecs.get(packet.payload_type)
-        if codec is None:
-            return
-        frame = JitterFrame(data=packet._data, timestamp=mapper.map(packet.timestamp))  # type: ignore[attr-defined]
-        decoder_queue.put((codec, frame))
-
-    buffer = ReorderBuffer(deliver, max_wait)
+    buffer = ReorderBuffer(deliver, max_wait, recoverable)
     receiver._RTCRtpReceiver__jitter_buffer = buffer  # type: ignore[attr-defined]
     return buffer

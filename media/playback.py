@@ -7,10 +7,13 @@ the life of the track, through silence and flushes alike (RTP timestamps come
 from pts, and a jump in them is heard as a glitch). When nothing is buffered the
 track plays silence, so RTP never stops.
 
-Frames go to the encoder as 48 kHz stereo. Fed 24 kHz mono, aiortc's Opus
-encoder resamples and upmixes itself: the upmix costs 3 dB (mono → stereo at
--3 dB per channel) and its fixed-size resampler holds every frame back by one
-(+20 ms). Upsampling here, with one resampler per track primed once, avoids both.
+What a frame is depends on the encoder behind the track. With the call's own
+libopus packer (`media/downlink.py`, the default) it is the 24 kHz mono PCM
+itself, in a `PcmFrame`: no resampling at all. With aiortc's stock encoder it is
+48 kHz stereo: fed 24 kHz mono, that encoder resamples and upmixes itself, and
+the upmix costs 3 dB (mono → stereo at -3 dB per channel) and its fixed-size
+resampler holds every frame back by one (+20 ms); upsampling here, with one
+resampler per track primed once, avoids both.
 
 For barge-in the track counts, per assistant item, the samples it received and
 the samples it actually handed to the encoder; `flush()` returns those counts so
@@ -25,14 +28,15 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from .resample import StreamResampler
 from .audio import FRAME_BYTES, FRAME_MS, REALTIME_RATE, RTP_RATE, samples_to_ms
+from .downlink import PcmFrame
+from .resample import StreamResampler
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +52,20 @@ _SILENCE = bytes(FRAME_BYTES)
 OUT_FRAME_SAMPLES = RTP_RATE * FRAME_MS // 1000
 
 
+def pcm_frame(pcm: bytes, pts: int) -> PcmFrame:
+    """For the call's own Opus packer: the PCM as it is."""
+    return PcmFrame(pcm, pts, _TIME_BASE)
+
+
 class Upsampler:
-    """24 kHz mono PCM16 → exactly one 20 ms frame of 48 kHz stereo s16 per call."""
+    """For aiortc's encoder: 24 kHz mono PCM16 → exactly one 20 ms frame of 48 kHz stereo
+    s16 per call."""
 
     def __init__(self) -> None:
         self._resampler = StreamResampler(RTP_RATE, "mono")
         self._fifo = np.zeros(0, dtype="<i2")
 
-    def __call__(self, pcm: bytes) -> av.AudioFrame:
+    def __call__(self, pcm: bytes, pts: int) -> av.AudioFrame:
         fifo = np.concatenate([self._fifo, self._resampler.pcm(pcm, REALTIME_RATE)])
         if fifo.size < OUT_FRAME_SAMPLES:
             # Only at the start: the filter holds back a few samples. Prime with
@@ -64,6 +74,8 @@ class Upsampler:
         mono, self._fifo = fifo[:OUT_FRAME_SAMPLES], fifo[OUT_FRAME_SAMPLES:]
         frame = av.AudioFrame.from_ndarray(np.repeat(mono, 2).reshape(1, -1), format="s16", layout="stereo")
         frame.sample_rate = RTP_RATE
+        frame.time_base = _TIME_BASE
+        frame.pts = pts
         return frame
 
 
@@ -106,7 +118,10 @@ class PlaybackTrack(MediaStreamTrack):
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        frames: Optional[Callable[[bytes, int], Any]] = None,
     ) -> None:
+        """`frames(pcm, pts)` makes what `recv()` returns: `pcm_frame` for the call's own
+        packer, an `Upsampler()` (the default) for aiortc's encoder."""
         super().__init__()
         self._clock = clock
         self._sleep = sleep
@@ -117,12 +132,16 @@ class PlaybackTrack(MediaStreamTrack):
         self._frames = 0
         self._playing: Optional[str] = None  # item id of the audio being played
         self._audio_done = False
-        self._upsample = Upsampler()
+        self._make_frame = frames or Upsampler()
         self.stats = PlaybackStats()
         #: Called with the item id when its first samples go to the encoder.
         self.on_started: Optional[Callable[[str], None]] = None
         #: Called with the last item id when the buffer runs dry after `end_of_audio()`.
         self.on_stopped: Optional[Callable[[str], None]] = None
+
+    def set_frames(self, frames: Callable[[bytes, int], Any]) -> None:
+        """Change what `recv()` returns (before the sender starts)."""
+        self._make_frame = frames
 
     # -- feeding ---------------------------------------------------------------
 
@@ -177,13 +196,11 @@ class PlaybackTrack(MediaStreamTrack):
 
     # -- the encoder side ------------------------------------------------------
 
-    async def recv(self) -> av.AudioFrame:
+    async def recv(self) -> Any:
         if self.readyState != "live":
             raise MediaStreamError
         await self._wait_for_slot()
-        frame = self._upsample(self._next_pcm())
-        frame.time_base = _TIME_BASE
-        frame.pts = self._frames * OUT_FRAME_SAMPLES
+        frame = self._make_frame(self._next_pcm(), self._frames * OUT_FRAME_SAMPLES)
         self._frames += 1
         self.stats.frames += 1
         return frame

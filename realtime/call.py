@@ -7,9 +7,11 @@ with a reason; `end()` is idempotent and tears everything down once: the page is
 told why on `oai-events` if the channel is still open, tasks are cancelled, the
 socket and the peer are closed, one line is logged.
 
-Data path:
-  caller RTP → MicPump → input_audio_buffer.append → upstream
-  upstream response.output_audio.delta → PlaybackTrack → caller RTP
+Data path (the default `AUDIO_PATH=libopus`; `aiortc` keeps aiortc's own codecs):
+  caller RTP → ReorderBuffer → UplinkDecoder (libopus @24 kHz, RED → FEC → PLC)
+             → input_audio_buffer.append → upstream
+  upstream response.output_audio.delta → PlaybackTrack (paced 20 ms PCM)
+             → OpusPacker (libopus 24 kHz mono, FEC from the browser's reports, RED) → caller RTP
   upstream other events ↔ oai-events data channel (page → upstream through the policy)
 """
 
@@ -23,9 +25,11 @@ from typing import Any, Callable, Coroutine, Optional
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcdatachannel import RTCDataChannel
 
-from media import jitter
+from media import downlink, jitter, negotiate
+from media.downlink import OpusPacker
 from media.mic import MicPump, MicTimeout
-from media.playback import PlaybackTrack
+from media.playback import PlaybackTrack, pcm_frame
+from media.uplink import UplinkDecoder
 from settings import Settings
 
 from . import events
@@ -65,8 +69,11 @@ class Call:
         self.playback = PlaybackTrack()
         self.playback.on_started = self._on_playback_started
         self.playback.on_stopped = self._on_playback_stopped
-        self.mic: Optional[MicPump] = None
+        self.mic: Optional[MicPump] = None  # aiortc's path
+        self.uplink: Optional[UplinkDecoder] = None  # our own path
+        self.packer: Optional[OpusPacker] = None
         self.receive_buffer: Optional[jitter.ReorderBuffer] = None
+        self._remote_track = None
         self.channel: Optional[RTCDataChannel] = None
         self._pending_page: list[str] = []
         self._channel_ready = asyncio.Event()
@@ -96,8 +103,38 @@ class Call:
         # Attach our track to the offered audio transceiver *before* createAnswer,
         # or the answer comes out recvonly.
         pc.addTrack(self.playback)
+        if not (self.settings.audio_path == "libopus" and self._own_audio_path(offer_sdp)):
+            self._aiortc_audio_path()
         await pc.setLocalDescription(await pc.createAnswer())
         return pc.localDescription.sdp
+
+    def _own_audio_path(self, offer_sdp: str) -> bool:
+        """Negotiate FEC/RED and put libopus on both directions (before any packet flows)."""
+        transceiver = next((t for t in self.pc.getTransceivers() if t.kind == "audio"), None)
+        if transceiver is None or not hasattr(transceiver.sender, "_RTCRtpSender__encoder") \
+                or not hasattr(transceiver.receiver, "_RTCRtpReceiver__jitter_buffer"):
+            logger.warning("call %s: aiortc internals differ from 1.16: using aiortc's own audio path", self.id)
+            return False
+        codecs = negotiate.configure(transceiver, offer_sdp, red=self.settings.red)
+        if codecs is None:
+            return False
+        self.packer = OpusPacker(codecs, bitrate=self.settings.opus_bitrate, dtx=self.settings.opus_dtx)
+        downlink.install(transceiver.sender, self.packer)
+        self.playback.set_frames(pcm_frame)
+        self.uplink = UplinkDecoder(self._send_mic_audio, codecs.opus_pt, codecs.red_pt)
+        self.receive_buffer = jitter.install(transceiver.receiver, self.uplink.push,
+                                             self.settings.reorder_wait_ms // 20, self.uplink.recoverable)
+        logger.info("call %s: audio opus/%d%s, in-band FEC, %d b/s down", self.id, codecs.opus_pt,
+                    f" + red/{codecs.red_pt}" if codecs.red_pt is not None else "", self.settings.opus_bitrate)
+        return True
+
+    def _aiortc_audio_path(self) -> None:
+        track = self._remote_track
+        if track is None:
+            return
+        # Start reading at once: unread frames pile up in aiortc's unbounded queue.
+        self.mic = MicPump(track, self._on_mic_audio, timeout_s=self.settings.media_timeout)
+        self._spawn(self._run_mic(), "mic")
 
     async def open_upstream(self) -> None:
         """Connect to the Realtime server and configure the session.
@@ -113,6 +150,10 @@ class Call:
         self._spawn(self._read_upstream(), "upstream-reader")
         self._spawn(self._watch_connect(), "connect-timeout")
         self._spawn(self._watch_duration(), "max-duration")
+        if self.uplink is not None:
+            self._spawn(self._watch_uplink(), "media-timeout")
+        if self.packer is not None:
+            self._spawn(self._watch_receiver_reports(), "receiver-reports")
 
     # -- ending --------------------------------------------------------------------
 
@@ -160,6 +201,9 @@ class Call:
             self.playback.stop()
             await self.pc.close()
             self._slow("peer close", phase)
+            for codec in (self.uplink, self.packer):
+                if codec is not None:
+                    codec.close()
             # Break the call's reference cycles (peer ↔ handlers ↔ call) so the
             # codecs and their buffers go now, by refcount, not at the next GC.
             self.pc.remove_all_listeners()
@@ -167,21 +211,45 @@ class Call:
             if self.channel is not None:
                 self.channel.remove_all_listeners()
         finally:
-            mic = self.mic.stats if self.mic else None
             pb = self.playback.stats
-            rb = self.receive_buffer.stats if self.receive_buffer else None
             logger.info(
-                "call %s ended after %.1f s: %s | mic frames=%d lost=%d concealed=%.0fms reordered=%d late=%d | "
-                "out frames=%d audio=%d late=%d reanchors=%d | upstream sent=%d received=%d",
-                self.id, time.monotonic() - self.created_at, self.reason,
-                mic.frames if mic else 0, mic.lost_frames if mic else 0, mic.concealed_ms if mic else 0,
-                rb.recovered if rb else 0, rb.late if rb else 0,
-                pb.frames, pb.audio_frames, pb.late_frames, pb.reanchors,
+                "call %s ended after %.1f s: %s | %s | out frames=%d audio=%d late=%d reanchors=%d%s | "
+                "upstream sent=%d received=%d",
+                self.id, time.monotonic() - self.created_at, self.reason, self._uplink_summary(),
+                pb.frames, pb.audio_frames, pb.late_frames, pb.reanchors, self._downlink_summary(),
                 self.upstream.sent_events, self.upstream.received_events,
             )
             self.closed.set()
             if self._on_closed:
                 self._on_closed(self)
+
+    def audio_counters(self) -> dict[str, dict]:
+        """Per-call audio counters for metrics: what came in, what was rebuilt, what went out."""
+        rb = self.receive_buffer.stats if self.receive_buffer else None
+        up: dict = {}
+        if self.uplink is not None:
+            up = self.uplink.stats.as_dict()
+        elif self.mic is not None:
+            up = {"packets": self.mic.stats.frames, "lost": self.mic.stats.lost_frames,
+                  "silence_ms": round(self.mic.stats.concealed_ms)}
+        if rb is not None:
+            up.update(reordered=rb.recovered, late=rb.late, waits_skipped=rb.skipped)
+        return {"uplink": up, "downlink": self.packer.stats.as_dict() if self.packer else {}}
+
+    def _uplink_summary(self) -> str:
+        up = self.audio_counters()["uplink"]
+        if self.uplink is not None:
+            return ("mic packets={packets} lost={lost} red={red_recovered} fec={fec_recovered} "
+                    "concealed={concealed} unfilled={unfilled} late={late} reordered={reordered}").format(**up)
+        return "mic frames={packets} lost={lost} silence={silence_ms}ms (aiortc path)".format(
+            **{"packets": 0, "lost": 0, "silence_ms": 0, **up})
+
+    def _downlink_summary(self) -> str:
+        if self.packer is None:
+            return ""
+        d = self.packer.stats
+        return (f" opus={d.packets} red={d.red_packets} fec={d.fec_packets} fec-sized-for={d.loss_percent}% "
+                f"browser-loss={d.browser_fraction_lost:.1%} ({d.browser_packets_lost} packets)")
 
     def _slow(self, what: str, since: float) -> float:
         now = time.monotonic()
@@ -220,14 +288,10 @@ class Call:
     # -- peer events ---------------------------------------------------------------
 
     def _on_track(self, track) -> None:
-        if track.kind != "audio" or self.mic is not None:
-            return
-        if self.settings.jitter_buffer == "reorder":
-            receiver = next(t.receiver for t in self.pc.getTransceivers() if t.receiver.track is track)
-            self.receive_buffer = jitter.install(receiver, self.settings.reorder_wait_ms // 20)
-        # Start reading at once: unread frames pile up in aiortc's unbounded queue.
-        self.mic = MicPump(track, self._on_mic_audio, timeout_s=self.settings.media_timeout)
-        self._spawn(self._run_mic(), "mic")
+        # Fires inside setRemoteDescription; accept() picks the audio path right after,
+        # before ICE starts, so no packet can arrive unread.
+        if track.kind == "audio" and self._remote_track is None:
+            self._remote_track = track
 
     async def _run_mic(self) -> None:
         assert self.mic is not None
@@ -236,6 +300,10 @@ class Call:
 
     async def _on_mic_audio(self, pcm: bytes) -> None:
         self.upstream.send(events.input_audio_append(pcm))
+
+    def _send_mic_audio(self, pcm: bytes) -> None:
+        if pcm:
+            self.upstream.send(events.input_audio_append(pcm))
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         if channel.label != DATA_CHANNEL_LABEL or self.channel is not None:
@@ -260,6 +328,25 @@ class Call:
         await asyncio.sleep(self.settings.connect_timeout)
         if self.connected_at is None:
             raise CallEnded(f"ICE/DTLS did not connect within {self.settings.connect_timeout:g} s")
+
+    async def _watch_uplink(self) -> None:
+        """The media timeout for our own uplink: no packet from the caller for that long."""
+        assert self.uplink is not None
+        while True:
+            await asyncio.sleep(min(1.0, self.settings.media_timeout / 4))
+            if self.connected_at is None:
+                continue
+            last = self.uplink.last_packet_at or self.connected_at
+            if time.monotonic() - last > self.settings.media_timeout:
+                raise MicTimeout(f"no audio from the caller for {self.settings.media_timeout:g} s")
+
+    async def _watch_receiver_reports(self) -> None:
+        """Size the downlink's FEC from the loss the browser reports (RTCP RR, ≈1/s)."""
+        assert self.packer is not None
+        sender = next(t.sender for t in self.pc.getTransceivers() if t.kind == "audio")
+        while True:
+            await asyncio.sleep(1.0)
+            await downlink.poll_receiver_reports(sender, self.packer)
 
     async def _watch_duration(self) -> None:
         await asyncio.sleep(self.settings.max_call_seconds)

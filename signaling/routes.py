@@ -361,15 +361,23 @@ def _metrics(request: web.Request) -> dict:
             "reanchors": sum(c.playback.stats.reanchors for c in calls),
             "lateness_ms": percentiles(lateness),
         },
-        "mic": {
-            "frames": sum(c.mic.stats.frames for c in calls if c.mic),
-            "lost_frames": sum(c.mic.stats.lost_frames for c in calls if c.mic),
-            "concealed_ms": round(sum(c.mic.stats.concealed_ms for c in calls if c.mic), 1),
-            "reordered_recovered": sum(c.receive_buffer.stats.recovered for c in calls if c.receive_buffer),
-            "late_dropped": sum(c.receive_buffer.stats.late for c in calls if c.receive_buffer),
-        },
+        "mic": _sum_counters(c.audio_counters()["uplink"] for c in calls),
+        "downlink": _sum_counters(c.audio_counters()["downlink"] for c in calls),
         "process": process_stats(),
     }
+
+
+def _sum_counters(per_call) -> dict:
+    """Counters added up over calls; `frames`/`lost_frames` name the packets and lost frames
+    of either audio path."""
+    out: dict = {"frames": 0, "lost_frames": 0}
+    for counters in per_call:
+        for key, value in counters.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[key] = round(out.get(key, 0) + value, 4)
+        out["frames"] += counters.get("packets", 0)
+        out["lost_frames"] += counters.get("lost", 0)
+    return out
 
 
 async def page_config(request: web.Request) -> web.Response:
