@@ -45,6 +45,8 @@ _MAX_PLC_TICKS = 120 * RTP_RATE // 1000
 @dataclass
 class UplinkStats:
     packets: int = 0  # received and decoded as they were sent
+    red_packets: int = 0  # of those, sent as RED with an earlier frame inside
+    lbrr_packets: int = 0  # of those, carrying in-band FEC for the frame before
     red_recovered: int = 0  # lost frames rebuilt exactly from a later packet's RED block
     fec_recovered: int = 0  # lost frames rebuilt from the next packet's in-band FEC
     concealed: int = 0  # lost frames made up by libopus concealment (20 ms units)
@@ -58,7 +60,8 @@ class UplinkStats:
         return self.red_recovered + self.fec_recovered + self.concealed
 
     def as_dict(self) -> dict:
-        return {"packets": self.packets, "lost": self.lost, "red_recovered": self.red_recovered,
+        return {"packets": self.packets, "red_packets": self.red_packets, "lbrr_packets": self.lbrr_packets,
+                "lost": self.lost, "red_recovered": self.red_recovered,
                 "fec_recovered": self.fec_recovered, "concealed": self.concealed, "unfilled": self.unfilled,
                 "stale": self.stale, "undecodable": self.undecodable}
 
@@ -174,6 +177,8 @@ class UplinkDecoder:
         try:
             out += self._decoder.decode(primary)
             self.stats.packets += 1
+            self.stats.red_packets += 1 if earlier else 0
+            self.stats.lbrr_packets += 1 if opus.has_lbrr(primary) else 0
         except opus.OpusError:
             self.stats.undecodable += 1
             out += self._decoder.conceal(ticks // _TICKS)

@@ -8,19 +8,12 @@ import shutil
 
 import pytest
 
+from harness.browser import CHROMIUM, chromium_args
 from harness.stub import RealtimeStub
 from media.audio import rms_dbfs
 from tests.speech import speech_wav
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium (./test.sh installs it)")
-
-
-def chromium_args(mic_wav) -> list[str]:
-    return ["--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={mic_wav}", "--autoplay-policy=no-user-gesture-required",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--disable-gpu", "--no-first-run", "--disable-quic"]
 
 
 @pytest.fixture

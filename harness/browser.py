@@ -1,0 +1,67 @@
+"""Headless Chromium (Debian's) as a real caller: a fake microphone from a WAV file,
+driven by Playwright with `executable_path` (never `playwright install`)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def chromium_args(mic_wav: Path, *, secure_origin: Optional[str] = None) -> list[str]:
+    """Flags that work on these machines; `secure_origin` lets a plain-http page on a
+    non-localhost address use the microphone."""
+    args = ["--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={mic_wav}", "--autoplay-policy=no-user-gesture-required",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-gpu", "--no-first-run", "--disable-quic"]
+    if secure_origin:
+        args.append(f"--unsafely-treat-insecure-origin-as-secure={secure_origin}")
+    return args
+
+
+#: The page's RTCPeerConnection stats that say what loss did to the audio, both ways.
+AUDIO_STATS_JS = """async () => {
+  const out = {};
+  const stats = await window.bridge.pc.getStats();
+  stats.forEach((s) => {
+    if (s.kind !== 'audio' && s.type !== 'codec') return;
+    if (s.type === 'inbound-rtp' || s.type === 'outbound-rtp' || s.type === 'remote-inbound-rtp') out[s.type] = s;
+    if (s.type === 'codec') (out.codecs = out.codecs || []).push(s);
+  });
+  out.answer = window.bridge.pc.remoteDescription ? window.bridge.pc.remoteDescription.sdp : '';
+  return out;
+}"""
+
+
+async def launch(playwright, mic_wav: Path, *, link=None, origin: Optional[str] = None):
+    """Chromium with `mic_wav` as its microphone; inside `link`'s namespace if given."""
+    executable = link.wrap(CHROMIUM) if link is not None else CHROMIUM
+    return await playwright.chromium.launch(executable_path=executable, headless=True,
+                                            args=chromium_args(mic_wav, secure_origin=origin))
+
+
+async def start_call(browser, url: str, timeout_s: float = 15.0):
+    """Open the bundled page at `url`, press Start, wait until the call is connected."""
+    page = await browser.new_page()
+    await page.goto(url)
+    await page.click("#call")
+    await page.wait_for_function("window.bridge.state === 'connected'", timeout=timeout_s * 1000)
+    return page
+
+
+async def audio_stats(page) -> dict:
+    return await page.evaluate(AUDIO_STATS_JS)
+
+
+def answer_audio_lines(sdp: str) -> list[str]:
+    """The answer's audio m-line and its rtpmap/fmtp lines."""
+    out, in_audio = [], False
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            in_audio = line.startswith("m=audio")
+        if in_audio and line.startswith(("m=audio", "a=rtpmap", "a=fmtp")):
+            out.append(line)
+    return out
