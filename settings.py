@@ -84,6 +84,7 @@ class Settings:
     red: bool = True
     opus_bitrate: int = 32000
     opus_dtx: bool = False
+    browser_opus_bitrate: int = 48000
     auth_token: Optional[str] = field(default=None, repr=False)
     cors_origins: tuple[str, ...] = ()
     client_events: tuple[str, ...] = DEFAULT_CLIENT_EVENTS
@@ -220,6 +221,13 @@ def _bitrate(v: str) -> int:
     return n
 
 
+def _browser_bitrate(v: str) -> int:
+    n = int(v)
+    if n and not 6000 <= n <= 510000:
+        raise ValueError("must be 0 (browser default) or between 6000 and 510000")
+    return n
+
+
 def _csv(v: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in v.split(",") if x.strip())
 
@@ -279,6 +287,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("reorder_wait_ms", ("REORDER_WAIT_MS",), _non_negative_int, "longest wait for a missing packet before it is given up and rebuilt, ms (rounded down to 20 ms packets; no wait when the next packet carries the lost audio)"),
     Option("red", ("AUDIO_RED",), _bool, "negotiate redundant audio (RED, RFC 2198) with browsers that offer it: each packet also carries the previous frame (about twice the audio bitrate), so a lost packet is rebuilt exactly"),
     Option("opus_bitrate", ("OPUS_BITRATE",), _bitrate, "bitrate of the audio sent to the browser, bits/s (6000-128000; 24 kHz mono speech, in-band FEC on top)"),
+    Option("browser_opus_bitrate", ("BROWSER_OPUS_BITRATE",), _browser_bitrate, "bitrate asked of the browser's Opus encoder, bits/s (answer's maxaveragebitrate; 0: the browser's default, 32000 in Chrome). In-band FEC comes out of this budget once loss is reported: at 32000 Chrome's speech lost 0.5 PESQ at 10 % loss, at 48000 0.3 (BENCHMARKS.md §7); RED doubles what is sent"),
     Option("opus_dtx", ("OPUS_DTX",), _bool, "discontinuous transmission toward the browser: almost no packets while the model is silent"),
     Option("auth_token", ("BRIDGE_AUTH_TOKEN",), str, "if set, creating a call needs 'Authorization: Bearer' with this token or an ephemeral key from POST /v1/realtime/client_secrets (default: open)", secret=True),
     Option("cors_origins", ("CORS_ORIGINS",), _csv, "comma-separated origins allowed to call the API from other sites ('*' for any; default: same origin only)"),
@@ -307,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
             dest=opt.name,
             default=None,
             metavar=opt.env[0],
-            help=f"{opt.help}{shown} [env {' or '.join(opt.env)}]",
+            help=f"{opt.help}{shown} [env {' or '.join(opt.env)}]".replace("%", "%%"),  # argparse formats help
         )
     return parser
 

@@ -51,12 +51,13 @@ async def health(request: web.Request) -> web.Response:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=8090)
+    ap.add_argument("--host", default="127.0.0.1")
     args = ap.parse_args()
     app = web.Application()
     app.router.add_post("/v1/realtime/calls", offer)
     app.router.add_post("/v1/realtime/calls/{call_id}/hangup", hangup)
     app.router.add_get("/healthz", health)
-    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
 
 
 if __name__ == "__main__":

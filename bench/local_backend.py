@@ -24,7 +24,7 @@ from websockets.asyncio.client import connect  # noqa: E402
 from bench.common import free_port, pcts, start_process, write_result  # noqa: E402
 from realtime import events  # noqa: E402
 from realtime.events import Server  # noqa: E402
-from tests.speech import read_pcm, speech_wav  # noqa: E402
+from harness.speech import read_pcm, speech_wav  # noqa: E402
 
 SENTENCES = [
     "What is the weather like today?",

@@ -184,7 +184,7 @@ def write_report(r: dict) -> Path:
     ]
     old = r.get("loss_aiortc_buffer")
     if old:
-        lines += ["", f"The same bridge with aiortc's own jitter buffer (`--jitter-buffer aiortc`), same run, "
+        lines += ["", f"The same bridge on aiortc's stock audio path (`--audio-path aiortc`: its jitter buffer, decoder and encoder), same run, "
                   f"{old['seconds_per_level']} s per level:", "", *_loss_table(old["levels"], with_downlink=False)]
     b = r["baseline"]
     lines += [
@@ -222,9 +222,82 @@ def write_report(r: dict) -> Path:
                   "| loss % | path | latency p50/p95/p99/max ms | stalls ≥200 ms per min | markers lost |", "|---|---|---|---|---|"]
         for row in rel["rows"]:
             lines.append(f"| {row['loss_pct']:.0f} | {row['path']} | {_p(row['latency_ms'])} | {row['stalls_per_min']} | {row['lost']} |")
+    lines += ["", *_browser_section(r.get("browser_loss") or {"skipped": "not part of this run"})]
     path = ROOT / "BENCHMARKS.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f} %"
+
+
+def browser_rows(b: dict, direction: str) -> dict[tuple[int, str], dict]:
+    return {(row["loss_pct"], row["path"]): row for row in b.get("runs", [])
+            if row["direction"] == direction or (row["loss_pct"] == 0 and direction == "downlink")}
+
+
+def _browser_section(b: dict) -> list[str]:
+    lines = ["## 7. A real browser under real loss: our Opus path against aiortc's stock one", ""]
+    if "skipped" in b:
+        return lines + [f"Not measured in this run: {b['skipped']}"]
+    src = b["source"]
+    lines += [
+        f"Debian's Chromium, headless, in its own network namespace; its microphone a {src['seconds']} s file of "
+        f"{len(src['sentences'])} espeak-ng sentences, looped; the bundled page against `server.py`. {b['loss']}, "
+        f"switched on after the call connected, {b['seconds_per_run']} s per run. **ours** = `--audio-path libopus` "
+        "(answer asks for in-band FEC and RED; holes rebuilt from RED, then FEC, then libopus concealment; "
+        "24 kHz mono encoder with FEC sized from Chromium's receiver reports, RED toward it); **stock** = "
+        "`--audio-path aiortc` (aiortc's jitter buffer and PyAV decoder, lost audio becomes silence; its 96 kb/s CELT "
+        "encoder, no FEC, no RED). Both in the same run.",
+        "",
+        "### Uplink: what the model receives",
+        "",
+        "Shares of all 20 ms frames the browser sent (server counters). Quality: sentence by sentence, each aligned "
+        "against the clean source at 16 kHz: PESQ wideband (P.862.2) and STOI medians, gaps of digital silence "
+        f"≥ 60 ms inside speech, word error rate of the local backend's recogniser (on the clean source it scores "
+        f"{b.get('wer_clean_source')}). Hold = how long the receive buffer kept packets back waiting for a missing "
+        "one (recent packets, p95).",
+        "",
+        "| loss % | path | frames lost | exact (received or RED) | rebuilt from RED / FEC | concealed | silence "
+        "| lost frames recovered (RED+FEC) | PESQ-WB | STOI | WER | gaps ≥60 ms | hold p95 ms | browser B/packet |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (loss, path), row in sorted(browser_rows(b, "uplink").items(), key=lambda kv: (kv[0][0], kv[0][1] != "libopus")):
+        if row["direction"] != "uplink":
+            continue
+        u, m = row["uplink"], row.get("model_audio", {})
+        lines.append(
+            f"| {loss} | {'ours' if path == 'libopus' else 'stock'} | {u['lost']} of {u['frames']} | {_pct(u['exact'])} | "
+            f"{_pct(u['red'])} / {_pct(u['fec'])} | {_pct(u['concealed'])} | {_pct(u['silence'])} | "
+            f"{_pct(u['recovered_of_lost'])} | {m.get('pesq_wb')} | {m.get('stoi')} | {m.get('wer')} | "
+            f"{m.get('gaps_60ms')} | {(row.get('uplink_hold_ms') or {}).get('p95')} | "
+            f"{row['browser_uplink']['bytes_per_packet']} |")
+    lines += [
+        "",
+        "### Downlink: what Chromium hears",
+        "",
+        "Chromium's own `inbound-rtp` stats over the lossy period (the 0 % row is the uplink-only run, where the "
+        "downlink was clean). `fecPacketsReceived` counts the redundancy Chromium got (RED blocks and FEC).",
+        "",
+        "| loss % | path | packets lost | concealed samples | FEC/RED packets received | jitter buffer delay ms | bytes received |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (loss, path), row in sorted(browser_rows(b, "downlink").items(), key=lambda kv: (kv[0][0], kv[0][1] != "libopus")):
+        if row["direction"] != "downlink" and loss != 0:
+            continue
+        d = row["downlink"]
+        lines.append(f"| {loss} | {'ours' if path == 'libopus' else 'stock'} | {d['packets_lost']} | "
+                     f"{_pct(d['concealed_ratio'])} | {d['fec_packets_received']} | {d['jitter_buffer_ms']} | "
+                     f"{d['bytes_received']} |")
+    cpu = b.get("cpu") or {}
+    if cpu:
+        lines += ["", "### CPU", "",
+                  f"{cpu['calls']} browser calls at once (full duplex: continuous speech up, continuous model audio "
+                  f"down), {cpu['seconds']} s, interleaved repeats: this bridge {cpu['bridge_cpu_per_call']} cores per "
+                  f"call {cpu['bridge_runs']}, bare aiortc echo peer {cpu['bare_aiortc_echo_cpu_per_call']} "
+                  f"{cpu['echo_runs']}: **{cpu['ratio']}×**."]
+    return lines
 
 
 def update_readme(r: dict) -> None:

@@ -2,7 +2,7 @@
 and the WebSocket-relay design we replace.
 
     python bench/run.py            # full suite (several minutes)
-    python bench/run.py --quick    # reduced, < 60 s
+    python bench/run.py --quick    # reduced, < 60 s; writes bench/results/run_quick.json only
 
 The server under test (`server.py`) and the bare-aiortc baseline run as their own
 processes; their CPU, RSS, fds and threads are read from /proc. Callers are aiortc
@@ -368,8 +368,8 @@ async def run(quick: bool) -> dict:
         srv.stop()
     try:
         if not quick:
-            log("4b. lossy networks, same bridge with aiortc's own jitter buffer (--jitter-buffer aiortc)")
-            old = Server(["server.py", "--realtime-url", up.url, "--log-level", "WARNING", "--jitter-buffer", "aiortc",
+            log("4b. lossy networks, same bridge with aiortc's own jitter buffer (--audio-path aiortc)")
+            old = Server(["server.py", "--realtime-url", up.url, "--log-level", "WARNING", "--audio-path", "aiortc",
                           "--media-timeout", "60", "--env-file", "/nonexistent"], "bridge_aiortc_jb")
             try:
                 results["loss_aiortc_buffer"] = await lossy(old, up, levels, 30)
@@ -386,6 +386,15 @@ async def run(quick: bool) -> dict:
 
         results["relay_vs_rtp"] = await relay_vs_rtp()
     log(f"  {json.dumps(results['relay_vs_rtp'])[:300]}")
+    log("7. a real browser under real loss, our Opus path vs aiortc's (network namespace)")
+    if quick:
+        results["browser_loss"] = {"skipped": "not run in --quick mode (minutes); run `python bench/browser_loss.py --quick` alone"}
+    else:
+        from bench.browser_loss import browser_loss
+
+        results["browser_loss"] = await browser_loss(False, Server, log)
+        if "skipped" in results["browser_loss"]:
+            log(f"  skipped: {results['browser_loss']['skipped']}")
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     return results
 
@@ -421,12 +430,13 @@ def main() -> None:
     name = "run_quick" if args.quick else "run_full"
     path = write_result(name, results)
     log(f"results: {path}")
-    if not args.no_report:
+    if not args.no_report and not args.quick:
+        # BENCHMARKS.md, the plots and README's figures come from full runs only: a quick
+        # run writes nothing but bench/results/run_quick.json.
         from bench.report import update_readme, write_report
 
         log(f"report: {write_report(json.loads(path.read_text()))}")
-        if not args.quick:
-            update_readme(json.loads(path.read_text()))  # README quotes the full run only
+        update_readme(json.loads(path.read_text()))
     print(json.dumps(results["summary"]))
 
 

@@ -34,11 +34,13 @@ class UpSession:
     arrivals: list[float] = field(default_factory=list)  # monotonic time of every append
     appends: int = 0
     task: Optional[asyncio.Task] = None
+    pcm: Optional[bytearray] = None  # every appended byte, when the upstream keeps audio
 
 
 class InstantUpstream:
-    def __init__(self, mode: str = "markers") -> None:
+    def __init__(self, mode: str = "markers", keep_audio: bool = False) -> None:
         self.mode = mode
+        self.keep_audio = keep_audio
         self.sessions: list[UpSession] = []
         self._server = None
         self.url = ""
@@ -53,7 +55,7 @@ class InstantUpstream:
         await self._server.wait_closed()
 
     async def _handler(self, ws) -> None:
-        s = UpSession()
+        s = UpSession(pcm=bytearray() if self.keep_audio else None)
         self.sessions.append(s)
         await ws.send(json.dumps({"type": Server.SESSION_CREATED, "session": {"type": "realtime"}}))
         if self.mode in ("markers", "first-audio"):
@@ -66,6 +68,8 @@ class InstantUpstream:
                 if kind == Client.INPUT_AUDIO_APPEND:
                     pcm = base64.b64decode(event["audio"])
                     s.appends += 1
+                    if s.pcm is not None:
+                        s.pcm += pcm
                     s.arrivals.append(now)
                     s.detector.feed(np.frombuffer(pcm, dtype="<i2"), now)
                     if self.mode == "echo":

@@ -25,7 +25,9 @@ aiortc's own path, with a warning) if it is not there.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from aiortc.jitterbuffer import JitterFrame
@@ -45,6 +47,8 @@ class JitterStats:
     late: int = 0  # packets that came after their hole was given up (or duplicates)
     recovered: int = 0  # reordered packets that arrived in time to fill a hole
     skipped: int = 0  # holes given up at once: the next packet carried their audio
+    #: ms each released packet was held back (waiting for a missing one); recent packets only
+    hold_ms: deque = field(default_factory=lambda: deque(maxlen=3000))
 
 
 def seq_distance(a: int, b: int) -> int:
@@ -63,6 +67,7 @@ class ReorderBuffer:
         self.max_wait = max_wait
         self._next: Optional[int] = None
         self._held: dict[int, RtpPacket] = {}
+        self._arrived: dict[int, float] = {}
         self.stats = JitterStats()
 
     @property
@@ -77,6 +82,7 @@ class ReorderBuffer:
         d = seq_distance(seq, self._next)
         if abs(d) > RESYNC_DISTANCE:
             self._held.clear()
+            self._arrived.clear()
             self._next, d = seq, 0
         if d < 0 or seq in self._held:
             self.stats.late += 1
@@ -84,6 +90,7 @@ class ReorderBuffer:
         if d == 0 and self._held:
             self.stats.recovered += 1
         self._held[seq] = packet
+        self._arrived[seq] = time.monotonic()
         self._drain()
         return False, None
 
@@ -92,6 +99,9 @@ class ReorderBuffer:
         while self._held:
             packet = self._held.pop(self._next, None)
             if packet is not None:
+                arrived = self._arrived.pop(self._next, None)
+                if arrived is not None:
+                    self.stats.hold_ms.append((time.monotonic() - arrived) * 1000)
                 self._deliver(packet)
                 self.stats.released += 1
             else:

@@ -54,14 +54,19 @@ def _offered_red(offer_sdp: str, mid: Optional[str], opus_pt: int) -> Optional[i
     return None
 
 
-def configure(transceiver: RTCRtpTransceiver, offer_sdp: str, *, red: bool = True) -> Optional[AudioCodecs]:
+def configure(transceiver: RTCRtpTransceiver, offer_sdp: str, *, red: bool = True,
+              browser_bitrate: int = 0) -> Optional[AudioCodecs]:
     """Set this call's audio codecs. Call after setRemoteDescription, before createAnswer.
+    `browser_bitrate` (bits/s, 0: the browser's default, 32 kb/s for mono in Chrome) goes
+    in the answer as `maxaveragebitrate`, which Chrome's encoder takes as its bitrate.
     Returns None if Opus was not negotiated (nothing is changed then)."""
     codecs: list[RTCRtpCodecParameters] = transceiver._codecs
     opus = next((c for c in codecs if c.mimeType.lower() == "audio/opus"), None)
     if opus is None:
         return None
     opus.parameters = dict(OPUS_FMTP)
+    if browser_bitrate:
+        opus.parameters["maxaveragebitrate"] = browser_bitrate
     others = [c for c in codecs if c is not opus]
     red_pt = _offered_red(offer_sdp, transceiver.mid, opus.payloadType) if red else None
     ordered = [opus, *others]

@@ -115,7 +115,8 @@ class Call:
                 or not hasattr(transceiver.receiver, "_RTCRtpReceiver__jitter_buffer"):
             logger.warning("call %s: aiortc internals differ from 1.16: using aiortc's own audio path", self.id)
             return False
-        codecs = negotiate.configure(transceiver, offer_sdp, red=self.settings.red)
+        codecs = negotiate.configure(transceiver, offer_sdp, red=self.settings.red,
+                                     browser_bitrate=self.settings.browser_opus_bitrate)
         if codecs is None:
             return False
         self.packer = OpusPacker(codecs, bitrate=self.settings.opus_bitrate, dtx=self.settings.opus_dtx)

@@ -47,9 +47,9 @@ class LoopLagMonitor:
 def percentiles(values) -> dict:
     v = np.fromiter(values, dtype=float)
     if v.size == 0:
-        return {"p50": 0.0, "p99": 0.0, "max": 0.0}
-    return {"p50": round(float(np.percentile(v, 50)), 2), "p99": round(float(np.percentile(v, 99)), 2),
-            "max": round(float(v.max()), 2)}
+        return {"p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0}
+    return {"p50": round(float(np.percentile(v, 50)), 2), "p95": round(float(np.percentile(v, 95)), 2),
+            "p99": round(float(np.percentile(v, 99)), 2), "max": round(float(v.max()), 2)}
 
 
 def process_stats() -> dict:

@@ -303,7 +303,7 @@ def _combine(reports: list[dict]) -> dict:
         if isinstance(value, dict):
             out[key] = _combine([v for v in values if isinstance(v, dict)])
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            worst = key in ("p50", "p99", "max")
+            worst = key in ("p50", "p95", "p99", "max")
             out[key] = max(values) if worst else round(sum(values), 2)
         else:
             out[key] = value
@@ -362,6 +362,8 @@ def _metrics(request: web.Request) -> dict:
             "lateness_ms": percentiles(lateness),
         },
         "mic": _sum_counters(c.audio_counters()["uplink"] for c in calls),
+        # how long the receive buffer held packets back waiting for missing ones (recent packets)
+        "mic_hold_ms": percentiles(x for c in calls if c.receive_buffer for x in c.receive_buffer.stats.hold_ms),
         "downlink": _sum_counters(c.audio_counters()["downlink"] for c in calls),
         "process": process_stats(),
     }

@@ -11,7 +11,7 @@ import pytest
 from harness.browser import CHROMIUM, chromium_args
 from harness.stub import RealtimeStub
 from media.audio import rms_dbfs
-from tests.speech import speech_wav
+from harness.speech import speech_wav
 
 pytestmark = pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium (./test.sh installs it)")
 

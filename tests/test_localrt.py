@@ -13,7 +13,7 @@ from openai import AsyncOpenAI
 
 import settings as config
 from localrt.server import build_local_app
-from tests.speech import read_pcm, recognize, speech_wav
+from harness.speech import read_pcm, recognize, speech_wav
 
 UTTERANCE = "What is the weather like today?"
 

@@ -18,7 +18,7 @@ from media.downlink import OpusPacker, PcmFrame, loss_step
 from media.jitter import ReorderBuffer
 from media.negotiate import AudioCodecs
 from media.uplink import UplinkDecoder
-from tests.speech import read_pcm, speech_wav
+from harness.speech import read_pcm, speech_wav
 
 OPUS_PT, RED_PT = 111, 63
 TICKS = 960  # one 20 ms packet in 48 kHz RTP units

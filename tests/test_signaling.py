@@ -144,7 +144,10 @@ async def test_metrics_report_calls_loop_lag_and_audio_health(bridge, new_caller
             m = await r.json()
     assert m["active_calls"] == 1
     assert m["mic"]["frames"] > 5 and m["playback"]["frames"] > 5
-    assert set(m["loop_lag_ms"]) == {"p50", "p99", "max"}
+    assert set(m["loop_lag_ms"]) == {"p50", "p95", "p99", "max"}
+    assert {"packets", "red_recovered", "fec_recovered", "concealed", "late"} <= set(m["mic"])
+    assert m["downlink"]["packets"] > 5 and "browser_fraction_lost" in m["downlink"]
+    assert set(m["mic_hold_ms"]) == {"p50", "p95", "p99", "max"}
     assert m["process"]["threads"] > 0 and m["process"]["rss_mb"] > 0
 
 
