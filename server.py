@@ -50,7 +50,7 @@ async def serve(settings: config.Settings, ready: Optional[asyncio.Event] = None
     if settings.uses_local_backend:
         from localrt.server import build_local_app  # imported only when used: it loads models
 
-        local_app = build_local_app(settings, stt_workers=max(1, (os.cpu_count() or 1) // workers.count))
+        local_app = build_local_app(settings, workers=max(1, (os.cpu_count() or 1) // workers.count))
         # The bridge reaches the backend like any upstream: a real WebSocket, on a
         # loopback-only listener (independent of TLS and of the public host).
         local_runner = web.AppRunner(local_app, handle_signals=False)
@@ -64,9 +64,10 @@ async def serve(settings: config.Settings, ready: Optional[asyncio.Event] = None
                                          settings.local_responder)
     app = build_app(settings, settings.upstream_url(local_url), workers)
     if local_url:
-        from localrt.server import STT_POOL, add_local_routes
+        from localrt.server import SPEAKER, STT_POOL, add_local_routes
 
-        add_local_routes(app, settings, local_app[STT_POOL])  # also offered to outside clients at /v1/realtime
+        # also offered to outside clients at /v1/realtime
+        add_local_routes(app, settings, local_app[STT_POOL], local_app[SPEAKER])
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     ssl_context = None

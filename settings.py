@@ -91,6 +91,8 @@ class Settings:
     session_fields: tuple[str, ...] = DEFAULT_SESSION_FIELDS
     local_responder: str = "echo"
     local_llm_model: str = "llama3.2"
+    local_stt_model: str = ""
+    local_tts_voice: str = ""
     log_level: str = "INFO"
 
     # -- derived -----------------------------------------------------------
@@ -295,6 +297,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("session_fields", ("ALLOWED_SESSION_FIELDS",), _csv, "dotted session fields a page's session.update may change"),
     Option("local_responder", ("LOCAL_RESPONDER",), str, "local backend's responder: 'echo' or an OpenAI-compatible chat-completions base URL (e.g. http://127.0.0.1:11434/v1)"),
     Option("local_llm_model", ("LOCAL_LLM_MODEL",), str, "model name sent to that chat-completions server"),
+    Option("local_stt_model", ("LOCAL_STT_MODEL",), str, "local backend's speech recogniser: a faster-whisper model directory (or a model name in faster-whisper's cache; default: the bundled Whisper tiny.en), or 'pocketsphinx'"),
+    Option("local_tts_voice", ("LOCAL_TTS_VOICE",), str, "local backend's voices: Piper .onnx files (with their .onnx.json) or folders of them, comma-separated, the first the default (default: the bundled en_US-joe-medium; espeak-ng if none loads)"),
     Option("log_level", ("LOG_LEVEL",), _choice("DEBUG", "INFO", "WARNING", "ERROR"), "log level"),
 )
 

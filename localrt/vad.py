@@ -64,6 +64,11 @@ class TurnDetector:
         self._pending = buf[n:]
         return out
 
+    @property
+    def quiet_ms(self) -> float:
+        """While speaking: how long the speaker has been quiet (0 while voice goes on)."""
+        return self._silence_ms if self.speaking else 0.0
+
     def reset(self) -> None:
         self.vad.reset()
         self.speaking = False

@@ -295,16 +295,22 @@ async def _siblings(request: web.Request, path: str) -> list[dict]:
 
 
 def _combine(reports: list[dict]) -> dict:
-    """Numbers add up across workers, except percentiles and maxima: those take the worst worker."""
-    first = reports[0]
+    """Numbers add up across workers, except percentiles and maxima: those take the worst worker.
+    A key one worker lacks (a counter it has not had a call to report yet) counts as absent."""
     out: dict = {}
-    for key, value in first.items():
-        values = [r.get(key) for r in reports]
+    keys = list(dict.fromkeys(k for r in reports for k in r))
+    for key in keys:
+        values = [r[key] for r in reports if r.get(key) is not None]
+        if not values:
+            out[key] = None
+            continue
+        value = values[0]
         if isinstance(value, dict):
             out[key] = _combine([v for v in values if isinstance(v, dict)])
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers = [v for v in values if isinstance(v, (int, float))]
             worst = key in ("p50", "p95", "p99", "max")
-            out[key] = max(values) if worst else round(sum(values), 2)
+            out[key] = max(numbers) if worst else round(sum(numbers), 2)
         else:
             out[key] = value
     return out

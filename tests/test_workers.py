@@ -67,3 +67,12 @@ async def test_two_workers_share_the_port_and_any_worker_hangs_up_any_call(stub)
         output, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0, output
     assert output.count("serving on") == 2 and "Traceback" not in output
+
+
+def test_worker_reports_combine_when_only_one_worker_has_a_call_s_counters():
+    from signaling.routes import _combine
+
+    busy = {"mic": {"frames": 50, "red_recovered": 3}, "lag": {"p50": 1.0, "p99": 4.0}, "loop": None}
+    idle = {"mic": {"frames": 0}, "lag": {"p50": 2.0, "p99": 3.0}, "loop": None}
+    assert _combine([idle, busy]) == {"mic": {"frames": 50, "red_recovered": 3}, "lag": {"p50": 2.0, "p99": 4.0},
+                                      "loop": None}
