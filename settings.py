@@ -325,6 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def markdown_table() -> str:
+    """The README's configuration table, made from OPTIONS (a test keeps README in step)."""
+    rows = ["| flag | environment | default | what it does |", "|---|---|---|---|"]
+    for opt in OPTIONS:
+        default = getattr(_DEFAULTS, opt.name, None)
+        shown = "—" if opt.secret or default in (None, "", ()) else f"`{_show(default)}`"
+        rows.append(f"| `--{opt.name.replace('_', '-')}` | {' / '.join(f'`{e}`' for e in opt.env)} | {shown} | "
+                    f"{opt.help.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
 def _show(value: Any) -> str:
     return ",".join(value) if isinstance(value, tuple) else str(value)
 

@@ -300,6 +300,50 @@ def _browser_section(b: dict) -> list[str]:
     return lines
 
 
+def local_backend_lines(lb: dict) -> list[str]:
+    """README lines for `bench/local_backend.py`'s result (Whisper beside pocketsphinx, same run)."""
+    engines = lb.get("engines")
+    if not engines:
+        return []
+    n = lb["concurrent"]
+    rows = [f"Local backend (`{lb['command']}`, {lb['date']}; {lb['sentences']} held-out sentences spoken to the "
+            "bridge by an aiortc caller, captions scored; latency over the backend's WebSocket):", "",
+            "| recogniser | word error rate, Piper voice / espeak-ng voice | `speech_stopped` → first audio p50 / p95, "
+            f"1 session | p50 / p95, {n} at once | RSS of the backend (model workers) |",
+            "|---|---|---|---|---|"]
+    for name, e in engines.items():
+        label = "Whisper tiny.en (default)" if name == "whisper" else "pocketsphinx (before)"
+        one, many, rss = e["one_session_ms"], e[f"{n}_sessions_ms"], e["rss"]
+        rows.append(f"| {label} | {e['bridge']['piper']['wer']} / {e['bridge']['espeak']['wer']} | "
+                    f"{one['p50']} / {one['p95']} ms | {many['p50']} / {many['p95']} ms | "
+                    f"{rss['total_mb']} MB ({rss['workers']} workers: {', '.join(map(str, rss['per_worker_mb']))} MB) |")
+    return rows
+
+
+def browser_headline(b: dict) -> list[str]:
+    """README lines for section 7: what loss does to what the model and the browser get."""
+    rows = ["Real Chromium through nftables loss in a network namespace (`bench/browser_loss.py`, BENCHMARKS.md §7), "
+            "ours against aiortc's stock audio path in the same run:", "",
+            "| loss | uplink: lost frames rebuilt from RED/FEC (rest concealed) | uplink PESQ-WB / STOI, ours vs stock "
+            "| downlink: Chromium's concealed samples, ours vs stock |", "|---|---|---|---|"]
+    up, down = browser_rows(b, "uplink"), browser_rows(b, "downlink")
+    for loss in b["levels"]:
+        ours, stock = up.get((loss, "libopus")), up.get((loss, "aiortc"))
+        dours, dstock = down.get((loss, "libopus")), down.get((loss, "aiortc"))
+        if not ours:
+            continue
+        m, ms = ours.get("model_audio", {}), (stock or {}).get("model_audio", {})
+        rows.append(f"| {loss} % | {_pct(ours['uplink']['recovered_of_lost'])} | {m.get('pesq_wb')} / {m.get('stoi')} vs "
+                    f"{ms.get('pesq_wb')} / {ms.get('stoi')} | "
+                    f"{_pct((dours or {}).get('downlink', {}).get('concealed_ratio'))} vs "
+                    f"{_pct((dstock or {}).get('downlink', {}).get('concealed_ratio'))} |")
+    cpu = b.get("cpu") or {}
+    if cpu:
+        rows += ["", f"CPU per browser call: {cpu['bridge_cpu_per_call']} cores, bare aiortc echo peer "
+                 f"{cpu['bare_aiortc_echo_cpu_per_call']} ({cpu['ratio']}×)."]
+    return rows
+
+
 def update_readme(r: dict) -> None:
     """Rewrite the figures block of README.md from this run (and the local-backend run, if any)."""
     import json
@@ -326,13 +370,10 @@ def update_readme(r: dict) -> None:
             rows.append(f"| uplink p95 at {pct} % bursty loss + ±30 ms jitter | {loss[pct]['uplink_ms']['p95']} ms | {ref} |")
     local = RESULTS_DIR / "local_backend.json"
     if local.exists():
-        lb = json.loads(local.read_text())
-        conc = next(k for k in lb if k.endswith("_sessions_ms"))
-        rows += ["", f"Local backend (`{lb['command']}`, {lb['date']}): `speech_stopped` → first audio delta "
-                 f"p50 {lb['one_session_ms']['p50']} / p95 {lb['one_session_ms']['p95']} ms with one session, "
-                 f"p50 {lb[conc]['p50']} / p95 {lb[conc]['p95']} ms with {lb['concurrent']} at once "
-                 f"({lb['utterances']} espeak-ng utterances streamed in real time); pocketsphinx word recall on "
-                 f"that synthetic speech {lb['word_recall_one']}."]
+        rows += ["", *local_backend_lines(json.loads(local.read_text()))]
+    browser = r.get("browser_loss") or {}
+    if browser.get("runs"):
+        rows += ["", *browser_headline(browser)]
     readme = ROOT / "README.md"
     text = readme.read_text()
     start, end = "<!-- figures:start -->", "<!-- figures:end -->"

@@ -166,8 +166,40 @@ async def test_client_committed_turns_and_the_empty_commit_error(local_url, utte
 LONG_TEXT = " ".join(f"Sentence number {i} is here." for i in range(30))
 
 
-async def test_cancel_ends_the_active_response_and_cancel_without_one_is_an_error(local_url):
-    async with sdk(local_url).realtime.connect(model="m") as conn:
+@contextlib.asynccontextmanager
+async def slow_chat_backend(sentences: int = 40, every_s: float = 0.3):
+    """The local backend answering through a chat-completions server that streams a sentence
+    every `every_s`: its responses stay active for seconds, whatever the speed of the TTS
+    (Piper synthesises far faster than real time, so an echoed text is done in a blink)."""
+    import json as _json
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for i in range(sentences):
+                chunk = {"choices": [{"index": 0, "delta": {"content": f"Sentence number {i} is here. "}}]}
+                await resp.write(f"data: {_json.dumps(chunk)}\n\n".encode())
+                await asyncio.sleep(every_s)
+            await resp.write(b"data: [DONE]\n\n")
+        except ConnectionError:
+            pass  # the response was cancelled: the backend hung up
+        return resp
+
+    chat = web.Application()
+    chat.router.add_post("/v1/chat/completions", completions)
+    runner = web.AppRunner(chat)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        async with serve_local(local_responder=f"http://127.0.0.1:{runner.addresses[0][1]}/v1") as url:
+            yield url
+    finally:
+        await runner.cleanup()
+
+
+async def test_cancel_ends_the_active_response_and_cancel_without_one_is_an_error():
+    async with slow_chat_backend() as local_url, sdk(local_url).realtime.connect(model="m") as conn:
         await until(conn, "session.created")
         await conn.response.cancel()
         assert (await until(conn, "error")).error.code == "response_cancel_not_active"
@@ -315,8 +347,10 @@ async def test_the_beta_handshake_is_refused_as_openai_does(local_url):
         assert ws.close_code == 4000
 
 
-async def test_server_vad_create_response_false_waits_and_speech_interrupts_an_active_response(local_url, utterance_pcm):
-    async with sdk(local_url).realtime.connect(model="m") as conn:
+async def test_server_vad_create_response_false_waits_and_speech_interrupts_an_active_response(utterance_pcm):
+    # The answer streams for 12 s, so the user's speech lands while it is active: the
+    # interruption is what is tested, not a race between TTS speed and the VAD.
+    async with slow_chat_backend() as local_url, sdk(local_url).realtime.connect(model="m") as conn:
         await until(conn, "session.created")
         await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": {
             "type": "server_vad", "create_response": False, "interrupt_response": True, "silence_duration_ms": 400}}}})
@@ -339,3 +373,52 @@ async def test_server_vad_create_response_false_waits_and_speech_interrupts_an_a
         await sender
         assert done.response.status == "cancelled"
         assert done.response.status_details.reason == "turn_detected"
+
+
+@pytest.mark.parametrize("setting, value, says", [
+    ("LOCAL_STT_MODEL", "/nonexistent/whisper-model", "LOCAL_STT_MODEL"),
+    ("LOCAL_STT_MODEL", "harness", "not a faster-whisper model directory"),
+    ("LOCAL_TTS_VOICE", "/nonexistent/voice.onnx", "LOCAL_TTS_VOICE"),
+])
+def test_a_model_that_cannot_load_stops_start_up_with_one_line_naming_the_setting(setting, value, says):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "REALTIME_URL")}
+    env[setting] = value
+    proc = subprocess.run([sys.executable, "server.py", "--port", "0", "--env-file", "/nonexistent"],
+                          cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1 and says in errors[0] and setting in errors[0], proc.stderr
+
+
+def test_voices_are_picked_by_name_and_unknown_names_get_the_default(tmp_path):
+    from localrt.tts import Speaker, find_voices
+
+    voices = find_voices("")
+    assert [v.name for v in voices] == ["en_US-joe-medium.onnx"]
+    speaker = Speaker(voices)
+    assert speaker.pick("en_US-joe-medium") == speaker.pick("joe") == speaker.pick("alloy") == "en_US-joe-medium"
+
+
+async def test_the_session_s_speed_makes_piper_speak_faster():
+    from localrt.tts import Speaker, find_voices
+
+    speaker = Speaker(find_voices(""), workers=1)
+    await speaker.start()
+    try:
+        lengths = {}
+        for speed in (1.0, 1.6):
+            pcm = b"".join([c async for c in speaker.synthesize("Please remind me to call my sister tomorrow.", "joe", speed)])
+            lengths[speed] = len(pcm) / 48000
+        assert 1.5 < lengths[1.0] < 5.0
+        assert lengths[1.6] < 0.75 * lengths[1.0], lengths
+        heard = recognize(b"".join([c async for c in speaker.synthesize("Please remind me to call my sister tomorrow.")]),
+                          24000).lower()
+        assert "sister" in heard and "remind" in heard, heard
+    finally:
+        await speaker.close()

@@ -95,3 +95,9 @@ def test_help_explains_every_option():
     for opt in config.OPTIONS:
         assert "--" + opt.name.replace("_", "-") in proc.stdout
         assert opt.env[0] in proc.stdout
+
+
+def test_the_readme_configuration_table_is_the_option_list():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- options:start -->\n", 1)[1].split("\n<!-- options:end -->", 1)[0]
+    assert block == config.markdown_table()  # regenerate with: python -c "import settings; print(settings.markdown_table())"
