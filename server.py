@@ -21,12 +21,14 @@ from typing import Optional
 from aiohttp import web
 
 import settings as config
+from realtime import redaction
 from signaling.app import build_app
 from signaling.routes import Workers
 
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    redaction.install_log_filter()  # no log line carries a secret, whoever wrote it
     # aiortc and aioice are chatty at INFO about every ICE pair.
     for noisy in ("aioice", "aiortc", "websockets"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

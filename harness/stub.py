@@ -67,6 +67,9 @@ class RealtimeStub:
         self._server = None
         self.url = ""
         self.refuse_status: Optional[int] = None
+        self.refuse_headers: dict[str, str] = {}
+        #: accept the WebSocket, then say nothing at all (no session.created)
+        self.silent = False
 
     async def start(self) -> "RealtimeStub":
         self._server = await serve(self._handler, "127.0.0.1", 0, max_size=16 * 1024 * 1024,
@@ -88,7 +91,10 @@ class RealtimeStub:
 
     def _process_request(self, connection, request):
         if self.refuse_status:
-            return connection.respond(self.refuse_status, "refused by stub\n")
+            response = connection.respond(self.refuse_status, "refused by stub\n")
+            for name, value in self.refuse_headers.items():
+                response.headers[name] = value
+            return response
         return None
 
     @property
@@ -103,6 +109,9 @@ class RealtimeStub:
         s = StubSession(ws, dict(ws.request.headers), ws.request.path)
         self.sessions.append(s)
         self.connected.set()
+        if self.silent:
+            await ws.wait_closed()
+            return
         await s.send({"type": Server.SESSION_CREATED, "session": s.session})
         try:
             async for message in ws:

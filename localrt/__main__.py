@@ -10,6 +10,7 @@ import sys
 from aiohttp import web
 
 import settings as config
+from realtime import redaction
 
 from .server import build_local_app
 
@@ -20,6 +21,8 @@ def main() -> None:
         argv = ["--port", "8765", *argv]
     settings = config.load_or_exit(argv)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redaction.configure(settings.api_key, settings.auth_token)
+    redaction.install_log_filter()
     app = build_local_app(settings)
     print(f"local Realtime backend: ws://{settings.host}:{settings.port}/v1/realtime", file=sys.stderr)
     web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)

@@ -105,6 +105,7 @@ class PlaybackStats:
     max_lateness_ms: float = 0.0
     reanchors: int = 0
     dropped_samples: int = 0  # over MAX_BUFFERED_SAMPLES
+    #: (monotonic time, ms late) of recent frames handed out at or after their due time
     lateness_ms: deque = field(default_factory=lambda: deque(maxlen=3000))
 
 
@@ -216,7 +217,7 @@ class PlaybackTrack(MediaStreamTrack):
             await self._sleep(wait)
             return
         late = -wait
-        self.stats.lateness_ms.append(late * 1000)
+        self.stats.lateness_ms.append((now, late * 1000))
         if late > 0.001:
             self.stats.late_frames += 1
             self.stats.max_lateness_ms = max(self.stats.max_lateness_ms, late * 1000)

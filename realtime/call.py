@@ -34,7 +34,9 @@ from settings import Settings
 
 from . import events
 from .events import Client, ErrorCode, Event, Server
+from .pagefit import fit_for_page
 from .policy import ClientEventPolicy
+from .redaction import redact
 from .upstream import UpstreamError, UpstreamSession
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,10 @@ logger = logging.getLogger(__name__)
 DATA_CHANNEL_LABEL = "oai-events"
 #: Events for the page held until its data channel opens.
 MAX_PENDING_PAGE_EVENTS = 500
+#: An upstream that says nothing (no session.created) this long after connecting has failed.
+SESSION_CREATED_TIMEOUT_S = 10.0
+#: The page's message limit when its SDP did not say (RFC 8841's default is 64 KiB).
+DEFAULT_PAGE_MESSAGE_LIMIT = 65536
 
 
 class CallEnded(Exception):
@@ -90,6 +96,9 @@ class Call:
         self._started_responses: set[str] = set()
         self.active_response: Optional[str] = None
         self.interrupt_response = True
+        self._session_created = asyncio.Event()
+        self.malformed_upstream_events = 0  # valid JSON, but not the shape its type promises
+        self.oversized_page_events = 0
 
     # -- setup ---------------------------------------------------------------------
 
@@ -151,6 +160,7 @@ class Call:
         self._spawn(self._read_upstream(), "upstream-reader")
         self._spawn(self._watch_connect(), "connect-timeout")
         self._spawn(self._watch_duration(), "max-duration")
+        self._spawn(self._watch_session_created(), "session-created")
         if self.uplink is not None:
             self._spawn(self._watch_uplink(), "media-timeout")
         if self.packer is not None:
@@ -164,7 +174,7 @@ class Call:
         give it a moment to open so the page learns why (for failures early in a call)."""
         if self.reason is not None:
             return
-        self.reason = reason
+        self.reason = redact(reason)  # reasons can quote the upstream, which can quote the key
         self._teardown_task = asyncio.get_running_loop().create_task(
             self._teardown(code, tell_page, wait_for_page))
 
@@ -349,6 +359,13 @@ class Call:
             await asyncio.sleep(1.0)
             await downlink.poll_receiver_reports(sender, self.packer)
 
+    async def _watch_session_created(self) -> None:
+        try:
+            await asyncio.wait_for(self._session_created.wait(), SESSION_CREATED_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise UpstreamError(f"upstream sent no session.created within {SESSION_CREATED_TIMEOUT_S:g} s "
+                                "of connecting") from None
+
     async def _watch_duration(self) -> None:
         await asyncio.sleep(self.settings.max_call_seconds)
         raise CallEnded(f"call reached the maximum duration of {self.settings.max_call_seconds:g} s")
@@ -356,7 +373,7 @@ class Call:
     # -- page → upstream -----------------------------------------------------------
 
     def _on_page_message(self, message: str | bytes) -> None:
-        verdict = self.policy.check(message)
+        verdict = self.policy.check(message)  # answers every message: an event to act on, or errors
         for err in verdict.errors:
             self.to_page(err)
         event = verdict.forward
@@ -369,11 +386,29 @@ class Call:
         self.upstream.send(event)
 
     def to_page(self, event: Event) -> None:
-        message = events.dumps(event)
-        if self.channel is not None and self.channel.readyState == "open":
-            self.channel.send(message)
-        elif self.channel is None and len(self._pending_page) < MAX_PENDING_PAGE_EVENTS:
-            self._pending_page.append(message)
+        """Send an event to the page: secrets masked, split or cut to the page's message
+        limit (never an error that ends the call), held until its channel opens."""
+        limit = self._page_limit()
+        message = redact(events.dumps(event))
+        messages = [message]
+        if len(message.encode()) > limit:
+            self.oversized_page_events += 1
+            messages = [redact(events.dumps(e)) for e in fit_for_page(event, limit)]
+        for message in messages:
+            if self.channel is not None and self.channel.readyState == "open":
+                try:
+                    self.channel.send(message)
+                except (ValueError, ConnectionError) as exc:  # closing channel, or still too big
+                    logger.warning("call %s: could not send a %d-byte event to the page: %s", self.id,
+                                   len(message), exc)
+            elif self.channel is None and len(self._pending_page) < MAX_PENDING_PAGE_EVENTS:
+                self._pending_page.append(message)
+
+    def _page_limit(self) -> int:
+        """The largest message the page accepts (its SDP's max-message-size)."""
+        transport = getattr(self.channel, "transport", None)
+        limit = getattr(transport, "_remote_max_message_size", None)  # aiortc 1.16's SCTP transport
+        return limit if isinstance(limit, int) and limit > 0 else DEFAULT_PAGE_MESSAGE_LIMIT
 
     # -- upstream → page / playback ------------------------------------------------
 
@@ -383,6 +418,17 @@ class Call:
 
     def on_upstream_event(self, event: Event) -> None:
         kind = event.get("type")
+        if kind in (Server.SESSION_CREATED, Server.SESSION_UPDATED):
+            self._session_created.set()
+        problem = events.shape_problem(event)
+        if problem is not None:
+            # Valid JSON, wrong shape (`response` a string, a delta not base64, ...): dropped and
+            # counted, never passed on, never fatal.
+            self.malformed_upstream_events += 1
+            if self.malformed_upstream_events in (1, 10, 100, 1000):
+                logger.warning("call %s: upstream %s event dropped: %s (%d malformed so far)", self.id, kind,
+                               problem, self.malformed_upstream_events)
+            return
         if kind == Server.OUTPUT_AUDIO_DELTA:
             self._on_audio_delta(event)
             return  # audio travels on RTP, never on the channel
@@ -400,7 +446,7 @@ class Call:
             self._note_session(event.get("session") or {})
         elif kind == Server.ERROR:
             err = event.get("error") or {}
-            logger.warning("call %s: upstream error %s: %s", self.id, err.get("code"), err.get("message"))
+            logger.warning("call %s: upstream error %s: %s", self.id, err.get("code"), redact(str(err.get("message"))))
         self.to_page(event)
 
     def _note_session(self, session: dict[str, Any]) -> None:
@@ -415,8 +461,13 @@ class Call:
         rid = event.get("response_id")
         if item_id in self._cut_items or (rid is not None and rid in self._cut_responses):
             return  # the user interrupted this response: its late audio is stale
+        try:
+            pcm = events.decode_audio_delta(event)
+        except ValueError:  # binascii.Error is a ValueError
+            self.malformed_upstream_events += 1
+            return
         self._item_response[item_id] = rid
-        self.playback.enqueue(item_id, events.decode_audio_delta(event))
+        self.playback.enqueue(item_id, pcm)
 
     def barge_in(self) -> None:
         """Stop playback now and tell the upstream exactly how much of each item was played."""

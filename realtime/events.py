@@ -126,7 +126,41 @@ def normalize_server_event(event: Event) -> Event:
     return event
 
 
+#: For the server events the bridge acts on: field → the types it may have (None: absent or null).
+_SHAPES: dict[str, dict[str, tuple[type, ...]]] = {
+    Server.SESSION_CREATED: {"session": (dict,)},
+    Server.SESSION_UPDATED: {"session": (dict,)},
+    Server.RESPONSE_CREATED: {"response": (dict,)},
+    Server.RESPONSE_DONE: {"response": (dict,)},
+    Server.ERROR: {"error": (dict,)},
+    Server.OUTPUT_AUDIO_DELTA: {"delta": (str,), "item_id": (str,), "response_id": (str,)},
+    Server.SPEECH_STARTED: {"item_id": (str,)},
+}
+_IDS = ("id",)
+
+
+def shape_problem(event: Event) -> Optional[str]:
+    """Why a server event the bridge acts on cannot be used as it is (None if it can)."""
+    for name, types in _SHAPES.get(event["type"], {}).items():
+        value = event.get(name)
+        if value is not None and not isinstance(value, types):
+            return f"'{name}' is {type(value).__name__}, not {types[0].__name__}"
+        if isinstance(value, dict):
+            for key in _IDS:
+                if value.get(key) is not None and not isinstance(value[key], str):
+                    return f"'{name}.{key}' is {type(value[key]).__name__}, not str"
+    if event["type"] == Server.ERROR and isinstance(event.get("error"), dict):
+        message = event["error"].get("message")
+        if message is not None and not isinstance(message, str):
+            return "'error.message' is not a string"
+    return None
+
+
 # -- builders ----------------------------------------------------------------
+
+
+#: Longest error message sent (an error must always fit a data-channel message).
+MAX_ERROR_MESSAGE = 2000
 
 
 def error(
@@ -137,6 +171,10 @@ def error(
     param: Optional[str] = None,
     client_event_id: Optional[str] = None,
 ) -> Event:
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[:MAX_ERROR_MESSAGE - 20] + " … (truncated)"
+    if param is not None and len(param) > 200:
+        param = param[:200] + "…"
     return {
         "type": Server.ERROR,
         "event_id": event_id(),
@@ -174,4 +212,5 @@ def output_audio_buffer(kind: str, response_id: Optional[str]) -> Event:
 
 
 def decode_audio_delta(event: Event) -> bytes:
-    return base64.b64decode(event.get("delta") or "")
+    """The PCM of an audio delta; raises ValueError if it is not base64."""
+    return base64.b64decode(event.get("delta") or "", validate=True)

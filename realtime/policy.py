@@ -9,13 +9,27 @@ clients wait for `session.updated`; the page is told what was dropped.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
+
+import numpy as np
 
 from . import events
 from .events import Client, ErrorCode, Event
 
 MAX_CLIENT_EVENT_BYTES = 128 * 1024
+#: Deepest nesting of objects/arrays accepted (OpenAI's events need 6 or so).
+MAX_DEPTH = 32
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def nesting_depth(message: bytes) -> int:
+    """How deep objects and arrays nest in a JSON text, found without parsing it (a deep
+    document would exhaust the parser's recursion before any check could run)."""
+    bare = np.frombuffer(_STRINGS.sub(b'""', message), dtype=np.uint8)
+    step = np.isin(bare, (0x5B, 0x7B)).astype(np.int32) - np.isin(bare, (0x5D, 0x7D)).astype(np.int32)
+    return int(np.cumsum(step).max()) if step.size else 0
 
 
 @dataclass
@@ -34,9 +48,13 @@ class ClientEventPolicy:
             return Verdict(errors=[events.error(
                 f"Client event of {len(message)} bytes exceeds the limit of {MAX_CLIENT_EVENT_BYTES} bytes.",
                 code=ErrorCode.MESSAGE_TOO_LARGE)])
+        raw = message.encode("utf-8", "surrogatepass") if isinstance(message, str) else message
+        if nesting_depth(raw) > MAX_DEPTH:
+            return Verdict(errors=[events.error(
+                f"Client event nests deeper than {MAX_DEPTH} levels.", code=ErrorCode.INVALID_JSON)])
         try:
             event = json.loads(message)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             return Verdict(errors=[events.error(f"Invalid JSON in client event: {exc}", code=ErrorCode.INVALID_JSON)])
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             return Verdict(errors=[events.error(

@@ -36,6 +36,14 @@ class UpstreamError(Exception):
     """
 
 
+class UpstreamBusy(UpstreamError):
+    """The upstream is rate-limiting (HTTP 429) or overloaded (503): try again later."""
+
+    def __init__(self, message: str, retry_after: str = "5") -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 def redact(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.hostname}{':' + str(parts.port) if parts.port else ''}{parts.path}"
@@ -50,6 +58,7 @@ class UpstreamSession:
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self.sent_events = 0
         self.received_events = 0
+        self.malformed_events = 0  # not JSON, not an object, or no string `type`: dropped
 
     async def connect(self, first: Event) -> None:
         """Open the socket and send `first` (the session.update) before anything queued."""
@@ -64,7 +73,12 @@ class UpstreamSession:
                 user_agent_header="realtime-webrtc-bridge",
             )
         except InvalidStatus as exc:
-            raise UpstreamError(f"upstream {where} refused the connection: HTTP {exc.response.status_code}") from None
+            status = exc.response.status_code
+            if status in (429, 503):
+                retry = exc.response.headers.get("Retry-After", "5")
+                raise UpstreamBusy(f"upstream {where} is busy: HTTP {status}",
+                                   retry if retry.isdigit() else "5") from None
+            raise UpstreamError(f"upstream {where} refused the connection: HTTP {status}") from None
         except (InvalidHandshake, ValueError) as exc:
             raise UpstreamError(f"upstream {where} handshake failed: {type(exc).__name__}") from None
         except (OSError, asyncio.TimeoutError) as exc:
@@ -96,12 +110,16 @@ class UpstreamSession:
             async for message in self._ws:
                 try:
                     event = json.loads(message)
-                except ValueError:
-                    logger.warning("upstream sent a message that is not JSON (%d bytes)", len(message))
+                except (ValueError, RecursionError):
+                    event = None
+                if not isinstance(event, dict) or not isinstance(event.get("type"), str) or not event["type"]:
+                    self.malformed_events += 1
+                    if self.malformed_events in (1, 10, 100, 1000):  # a summary, never a line per event
+                        logger.warning("upstream sent %d malformed event(s) so far (dropped; latest %d bytes)",
+                                       self.malformed_events, len(message))
                     continue
-                if isinstance(event, dict):
-                    self.received_events += 1
-                    yield events.normalize_server_event(event)
+                self.received_events += 1
+                yield events.normalize_server_event(event)
         except ConnectionClosed as exc:
             raise UpstreamError(_closed_reason(exc)) from None
         raise UpstreamError(_closed_reason(None, self._ws))
@@ -112,8 +130,14 @@ class UpstreamSession:
 
 
 def _closed_reason(exc: Optional[ConnectionClosed], ws: Optional[ClientConnection] = None) -> str:
-    frame = (exc.rcvd if exc else None) or (ws.close_frame if ws is not None else None)
-    if frame is None:
+    """Why the upstream went away, from the close frame it sent (websockets' `rcvd`, or the
+    connection's `close_code`/`close_reason` after a clean end of the stream)."""
+    code, reason = None, ""
+    if exc is not None and exc.rcvd is not None:
+        code, reason = exc.rcvd.code, exc.rcvd.reason
+    elif ws is not None and ws.close_code is not None:
+        code, reason = ws.close_code, ws.close_reason or ""
+    if code is None:
         return "upstream connection dropped"
-    reason = f": {frame.reason}" if frame.reason else ""
-    return f"upstream closed the connection (code {frame.code}{reason})"
+    reason = reason[:200]
+    return f"upstream closed the connection (code {code}{': ' + reason if reason else ''})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from realtime import redaction
 from settings import Settings
 
 from .cors import Cors
@@ -14,6 +15,7 @@ from .routes import KEYS, REGISTRY, SETTINGS, CallRegistry, Workers, add_routes
 
 
 def build_app(settings: Settings, upstream_url: str, workers: Workers = Workers()) -> web.Application:
+    redaction.configure(settings.api_key, settings.auth_token)
     app = web.Application(middlewares=[Cors(settings.cors_origins).middleware, error_middleware])
     app[SETTINGS] = settings
     app[REGISTRY] = CallRegistry(settings, upstream_url, workers)

@@ -7,6 +7,8 @@ from typing import Optional
 
 from aiohttp import web
 
+from realtime.redaction import redact
+
 logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -17,7 +19,8 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
 def error_response(status: int, code: str, message: str, *, param: Optional[str] = None,
                    headers: Optional[dict[str, str]] = None) -> web.Response:
     """An error reply in OpenAI's shape, with the type that goes with `status`."""
-    body = {"error": {"type": _TYPES.get(status, "server_error"), "code": code, "message": message, "param": param}}
+    body = {"error": {"type": _TYPES.get(status, "server_error"), "code": code, "message": redact(message),
+                      "param": param}}
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -33,5 +36,5 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return error_response(exc.status, code, exc.reason or "error", headers={
             k: v for k, v in exc.headers.items() if k.lower() == "allow"})
     except Exception:
-        logger.exception("unhandled error on %s %s", request.method, request.path)
+        logger.exception("unhandled error on %s %s", request.method, request.path[:200])
         return error_response(500, "internal_error", "Internal server error.")

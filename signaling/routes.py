@@ -13,20 +13,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from realtime import events
 from realtime.call import Call
-from realtime.policy import ClientEventPolicy
-from realtime.upstream import UpstreamError, UpstreamSession
+from realtime.policy import MAX_DEPTH, ClientEventPolicy, nesting_depth
+from realtime.upstream import UpstreamBusy, UpstreamError, UpstreamSession
 from settings import Settings
 
-from .auth import DEFAULT_TTL_S, MAX_TTL_S, MIN_TTL_S, KeyRing, bearer
+from .auth import DEFAULT_TTL_S, MAX_TTL_S, MIN_TTL_S, KeyRing, KeyTooLarge, bearer
 from .errors import error_response
 from .sdp import OfferError, validate_offer
 
@@ -95,10 +97,23 @@ KEYS = web.AppKey("keys", KeyRing)
 async def read_body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > MAX_OFFER_BYTES:
         raise _TooLarge
-    body = await request.content.read(MAX_OFFER_BYTES + 1)
+    try:
+        body = await request.content.read(MAX_OFFER_BYTES + 1)
+    except (aiohttp.ClientPayloadError, RequestPayloadError) as exc:  # does not decode (bad gzip, cut chunks)
+        raise _BadRequest("invalid_body", f"The request body could not be read: {exc}") from None
     if len(body) > MAX_OFFER_BYTES:
         raise _TooLarge
     return body
+
+
+def parse_json(data: bytes) -> Any:
+    """JSON with a nesting limit checked before parsing (deep documents exhaust the parser)."""
+    if nesting_depth(data) > MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 class _TooLarge(Exception):
@@ -118,7 +133,7 @@ async def _parse_offer(request: web.Request) -> tuple[str, Optional[dict[str, An
         return (await read_body(request)).decode("utf-8", "replace"), None, False
     if ctype == "application/json":
         try:
-            body = json.loads(await read_body(request))
+            body = parse_json(await read_body(request))
         except ValueError as exc:
             raise _BadRequest("invalid_json", f"Request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict) or not isinstance(body.get("sdp"), str):
@@ -132,20 +147,25 @@ async def _parse_offer(request: web.Request) -> tuple[str, Optional[dict[str, An
             raise _TooLarge
         parts: dict[str, str] = {}
         total = 0
-        reader = await request.multipart()
-        async for part in reader:
-            data = await part.read(decode=True)
-            total += len(data)
-            if total > MAX_OFFER_BYTES:
-                raise _TooLarge
-            if part.name:
-                parts[part.name] = data.decode("utf-8", "replace")
+        try:
+            reader = await request.multipart()
+            async for part in reader:
+                if not isinstance(part, aiohttp.BodyPartReader):
+                    raise ValueError("nested multipart bodies are not accepted")
+                data = await part.read(decode=True)
+                total += len(data)
+                if total > MAX_OFFER_BYTES:
+                    raise _TooLarge
+                if part.name:
+                    parts[part.name] = data.decode("utf-8", "replace")
+        except (ValueError, AssertionError, aiohttp.ClientPayloadError, RequestPayloadError, RuntimeError) as exc:
+            raise _BadRequest("invalid_multipart", f"The multipart body could not be parsed: {exc}") from None
         if "sdp" not in parts:
             raise _BadRequest("missing_required_parameter", "multipart body needs an 'sdp' part.", "sdp")
         session = None
         if parts.get("session"):
             try:
-                session = json.loads(parts["session"])
+                session = parse_json(parts["session"].encode())
             except ValueError:
                 raise _BadRequest("invalid_json", "The 'session' part is not valid JSON.", "session") from None
         return parts["sdp"], session if isinstance(session, dict) else None, False
@@ -197,6 +217,9 @@ async def create_call(request: web.Request) -> web.Response:
         if isinstance(answer, BaseException):
             # aiortc raises ValueError/InvalidAccessError etc. on SDP it cannot use
             reply = error_response(400, "invalid_offer", f"Could not apply the SDP offer: {answer}", param="sdp")
+        elif isinstance(upstream, UpstreamBusy):  # the model service is rate-limiting: the caller may retry
+            reply = error_response(503, "upstream_busy", f"{upstream}; try again later.",
+                                   headers={"Retry-After": upstream.retry_after})
         elif isinstance(upstream, UpstreamError):
             reply = error_response(502, "upstream_unavailable", f"{upstream}.")
         else:
@@ -234,19 +257,26 @@ async def client_secret(request: web.Request) -> web.Response:
         if request.content_type != "application/json":
             return error_response(415, "unsupported_media_type", "Send application/json.")
         try:
-            body = json.loads(await read_body(request) or b"{}")
-        except (ValueError, _TooLarge):
+            body = parse_json(await read_body(request) or b"{}")
+        except (ValueError, _TooLarge, _BadRequest):
             return error_response(400, "invalid_json", "Request body is not valid JSON (or is too large).")
     if not isinstance(body, dict):
         return error_response(400, "invalid_json", "Request body must be a JSON object.")
-    ttl = (body.get("expires_after") or {}).get("seconds", DEFAULT_TTL_S)
+    expires_after = body.get("expires_after")
+    if expires_after is not None and not isinstance(expires_after, dict):
+        return error_response(400, "invalid_value", "'expires_after' must be an object like {\"seconds\": 600}.",
+                              param="expires_after")
+    ttl = (expires_after or {}).get("seconds", DEFAULT_TTL_S)
     if not isinstance(ttl, int) or not MIN_TTL_S <= ttl <= MAX_TTL_S:
         return error_response(400, "invalid_value", f"expires_after.seconds must be an integer from {MIN_TTL_S} to {MAX_TTL_S}.",
                               param="expires_after.seconds")
     session = body.get("session")
     if session is not None and not isinstance(session, dict):
         return error_response(400, "invalid_value", "'session' must be an object.", param="session")
-    key = keys.mint(ttl, session)
+    try:
+        key = keys.mint(ttl, session)
+    except KeyTooLarge as exc:
+        return error_response(400, "invalid_value", f"Cannot mint this key: {exc}.", param="session")
     return web.json_response({"value": key.value, "expires_at": int(key.expires_at), "session": session or {}})
 
 
@@ -356,7 +386,8 @@ def _metrics(request: web.Request) -> dict:
 
     registry = request.app[REGISTRY]
     calls = list(registry.calls.values())
-    lateness = [x for c in calls for x in c.playback.stats.lateness_ms]
+    cutoff = time.monotonic() - _since(request)  # the same window as the loop lag
+    lateness = [ms for c in calls for t, ms in c.playback.stats.lateness_ms if t >= cutoff]
     return {
         "active_calls": len(calls),
         "total_calls": registry.total,
@@ -396,6 +427,18 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(CLIENT_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+#: The page's files, listed once: a request names one of these or gets a JSON 404
+#: (no path is ever built from the request).
+CLIENT_FILES = {p.name: p for p in CLIENT_DIR.iterdir() if p.is_file()}
+
+
+async def client_file(request: web.Request) -> web.StreamResponse:
+    path = CLIENT_FILES.get(request.match_info["name"])
+    if path is None:
+        return error_response(404, "not_found", "No such file.")
+    return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/realtime/calls", create_call)
     app.router.add_post("/v1/realtime/calls/{call_id}/hangup", hangup)
@@ -404,4 +447,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/config.json", page_config)
     app.router.add_get("/", index)
-    app.router.add_static("/client/", CLIENT_DIR, append_version=False)
+    app.router.add_get("/client/{name}", client_file)
