@@ -24,11 +24,19 @@ import settings as config
 from realtime import redaction
 from signaling.app import build_app
 from signaling.routes import Workers
+from signaling.loglimit import RepeatLimiter
+from signaling.slots import CallSlots
+
+
+#: Seconds an HTTP connection may sit idle (before its first request, or between requests).
+IDLE_TIMEOUT_S = 15.0
 
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     redaction.install_log_filter()  # no log line carries a secret, whoever wrote it
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RepeatLimiter())  # a flood of one line becomes a count
     # aiortc and aioice are chatty at INFO about every ICE pair.
     for noisy in ("aioice", "aiortc", "websockets"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
@@ -70,7 +78,9 @@ async def serve(settings: config.Settings, ready: Optional[asyncio.Event] = None
 
         # also offered to outside clients at /v1/realtime
         add_local_routes(app, settings, local_app[STT_POOL], local_app[SPEAKER])
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    # A connection that sends nothing is closed after IDLE_TIMEOUT_S (aiohttp's default is an hour:
+    # 20,000 silent connections once ran the process out of file descriptors).
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=IDLE_TIMEOUT_S)
     await runner.setup()
     ssl_context = None
     if settings.tls_cert:
@@ -118,6 +128,7 @@ def run_workers(settings: config.Settings) -> int:
               for _ in range(settings.workers)]
     internal = [socket.create_server(("127.0.0.1", 0)) for _ in range(settings.workers)]
     ports = tuple(s.getsockname()[1] for s in internal)
+    slots = CallSlots(settings.max_calls)  # shared memory, inherited by every worker
     pids = []
     for index in range(settings.workers):
         pid = os.fork()
@@ -126,7 +137,7 @@ def run_workers(settings: config.Settings) -> int:
                 if j != index:
                     public[j].close()
                     internal[j].close()
-            listeners = Listeners(public[index], internal[index], Workers(index, settings.workers, ports))
+            listeners = Listeners(public[index], internal[index], Workers(index, settings.workers, ports, slots))
             code = 0
             try:
                 asyncio.run(serve(settings, listeners=listeners))

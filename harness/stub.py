@@ -35,6 +35,7 @@ class StubSession:
     audio_arrivals: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, total bytes after)
     item_audio_ms: dict[str, int] = field(default_factory=dict)
     truncations: list[dict] = field(default_factory=list)
+    stub_errors: list[str] = field(default_factory=list)  # events this stub could not handle
     active_response: Optional[str] = None
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     # auto-VAD state
@@ -115,9 +116,12 @@ class RealtimeStub:
         await s.send({"type": Server.SESSION_CREATED, "session": s.session})
         try:
             async for message in ws:
-                await self._on_event(s, json.loads(message))
+                try:
+                    await self._on_event(s, json.loads(message))
+                except Exception as exc:  # the stub's own limits: recorded, and the session goes on
+                    s.stub_errors.append(f"{type(exc).__name__}: {exc}")
         except Exception:
-            pass
+            pass  # the bridge went away
 
     async def _on_event(self, s: StubSession, event: dict) -> None:
         kind = event.get("type")

@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable, Coroutine, Optional
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.exceptions import InvalidStateError
 from aiortc.rtcdatachannel import RTCDataChannel
 
 from media import downlink, jitter, negotiate
@@ -97,6 +98,7 @@ class Call:
         self.active_response: Optional[str] = None
         self.interrupt_response = True
         self._session_created = asyncio.Event()
+        self._connect_tasks: set[asyncio.Task] = set()  # aiortc's ICE/DTLS start-up tasks
         self.malformed_upstream_events = 0  # valid JSON, but not the shape its type promises
         self.oversized_page_events = 0
 
@@ -109,13 +111,35 @@ class Call:
         pc.on("datachannel", self._on_datachannel)
         pc.on("connectionstatechange", self._on_connection_state)
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        self._watch_peer_connect()  # before anything awaits: the task it started has not run yet
         # Attach our track to the offered audio transceiver *before* createAnswer,
         # or the answer comes out recvonly.
         pc.addTrack(self.playback)
         if not (self.settings.audio_path == "libopus" and self._own_audio_path(offer_sdp)):
             self._aiortc_audio_path()
         await pc.setLocalDescription(await pc.createAnswer())
+        self._watch_peer_connect()
         return pc.localDescription.sdp
+
+    def _watch_peer_connect(self) -> None:
+        """aiortc starts ICE+DTLS in a task nobody awaits: when it fails (or the call ends while
+        it runs) its exception would surface as 'Task exception was never retrieved'. Find that
+        task and own its outcome: a failure ends the call with the reason."""
+        for task in asyncio.all_tasks():
+            coro = task.get_coro()
+            frame = getattr(coro, "cr_frame", None)
+            if task not in self._connect_tasks and getattr(coro, "__qualname__", "").endswith("__connect") \
+                    and frame is not None and frame.f_locals.get("self") is self.pc:
+                self._connect_tasks.add(task)
+                task.add_done_callback(self._peer_connect_done)
+
+    def _peer_connect_done(self, task: asyncio.Task) -> None:
+        self._connect_tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()  # retrieved: never logged as unretrieved
+        if exc is not None and self.reason is None:
+            self.end(f"ICE/DTLS set-up failed: {type(exc).__name__}: {exc}")
 
     def _own_audio_path(self, offer_sdp: str) -> bool:
         """Negotiate FEC/RED and put libopus on both directions (before any packet flows)."""
@@ -210,7 +234,10 @@ class Call:
                 pass
             phase = self._slow("upstream close", phase)
             self.playback.stop()
-            await self.pc.close()
+            try:
+                await self.pc.close()
+            except Exception as exc:  # aiortc can trip over a half-built peer (an odd offer)
+                logger.warning("call %s: closing the peer failed: %s: %s", self.id, type(exc).__name__, exc)
             self._slow("peer close", phase)
             for codec in (self.uplink, self.packer):
                 if codec is not None:
@@ -322,9 +349,19 @@ class Call:
             return
         self.channel = channel
         channel.on("message", self._on_page_message)
+        if channel.readyState == "open":
+            self._flush_pending_page()
+        else:  # announced but not open yet: what comes meanwhile waits with the rest
+            channel.on("open", self._flush_pending_page)
+
+    def _flush_pending_page(self) -> None:
+        assert self.channel is not None
         pending, self._pending_page = self._pending_page, []
         for message in pending:
-            channel.send(message)
+            try:
+                self.channel.send(message)
+            except (ValueError, ConnectionError, InvalidStateError) as exc:
+                logger.warning("call %s: could not send a held event to the page: %s", self.id, exc)
         self._channel_ready.set()
 
     def _on_connection_state(self) -> None:
@@ -398,10 +435,11 @@ class Call:
             if self.channel is not None and self.channel.readyState == "open":
                 try:
                     self.channel.send(message)
-                except (ValueError, ConnectionError) as exc:  # closing channel, or still too big
+                except (ValueError, ConnectionError, InvalidStateError) as exc:  # closing, or still too big
                     logger.warning("call %s: could not send a %d-byte event to the page: %s", self.id,
                                    len(message), exc)
-            elif self.channel is None and len(self._pending_page) < MAX_PENDING_PAGE_EVENTS:
+            elif (self.channel is None or self.channel.readyState == "connecting") \
+                    and len(self._pending_page) < MAX_PENDING_PAGE_EVENTS:
                 self._pending_page.append(message)
 
     def _page_limit(self) -> int:
@@ -450,7 +488,14 @@ class Call:
         self.to_page(event)
 
     def _note_session(self, session: dict[str, Any]) -> None:
-        turn = ((session.get("audio") or {}).get("input") or {}).get("turn_detection", session.get("turn_detection"))
+        audio = session.get("audio")
+        audio_in = audio.get("input") if isinstance(audio, dict) else None
+        if isinstance(audio_in, dict):
+            turn = audio_in.get("turn_detection", session.get("turn_detection"))
+        else:
+            turn = session.get("turn_detection")
+            if audio is not None and not isinstance(audio_in, dict):
+                return  # a shape we cannot read: keep what we knew
         if isinstance(turn, dict):
             self.interrupt_response = turn.get("interrupt_response", True) is not False
         elif turn is None and "audio" in session:

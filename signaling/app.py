@@ -11,17 +11,25 @@ from .cors import Cors
 from . import metrics
 from .errors import error_middleware
 from .auth import KeyRing
-from .routes import KEYS, REGISTRY, SETTINGS, CallRegistry, Workers, add_routes
+from .admission import WINDOW_S, Admission
+from .routes import ADMISSION, KEYS, REGISTRY, SETTINGS, CallRegistry, Workers, add_routes, recent_lateness_p99
 
 
 def build_app(settings: Settings, upstream_url: str, workers: Workers = Workers()) -> web.Application:
     redaction.configure(settings.api_key, settings.auth_token)
-    app = web.Application(middlewares=[Cors(settings.cors_origins).middleware, error_middleware])
+    # Request bodies are never decompressed for us: a body that does not inflate would fail
+    # inside aiohttp, after our answer, and reset the connection. Compressed bodies get a 415.
+    app = web.Application(middlewares=[Cors(settings.cors_origins).middleware, error_middleware],
+                          handler_args={"auto_decompress": False})
     app[SETTINGS] = settings
     app[REGISTRY] = CallRegistry(settings, upstream_url, workers)
     app[KEYS] = KeyRing(settings.auth_token)
     add_routes(app)
     metrics.install(app)
+    registry = app[REGISTRY]
+    app[ADMISSION] = Admission(
+        lambda: app[metrics.LOOP_LAG].summary(WINDOW_S)["p99"] if metrics.LOOP_LAG in app else 0.0,
+        lambda: recent_lateness_p99(registry))
 
     async def drain_calls(app: web.Application) -> None:
         await app[REGISTRY].close_all("server shutting down")

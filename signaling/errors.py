@@ -27,6 +27,10 @@ def error_response(status: int, code: str, message: str, *, param: Optional[str]
 @web.middleware
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Every error, including aiohttp's own 404/405, leaves in the same JSON shape."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        return error_response(415, "unsupported_content_encoding",
+                              f"Content-Encoding '{encoding[:40]}' is not supported; send the body uncompressed.")
     try:
         return await handler(request)
     except web.HTTPException as exc:

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from realtime import events
@@ -30,7 +31,10 @@ from settings import Settings
 
 from .auth import DEFAULT_TTL_S, MAX_TTL_S, MIN_TTL_S, KeyRing, KeyTooLarge, bearer
 from .errors import error_response
+from .metrics import percentiles
 from .sdp import OfferError, validate_offer
+from .admission import WINDOW_S, Admission
+from .slots import CallSlots
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ class Workers:
     index: int = 0
     count: int = 1
     internal_ports: tuple[int, ...] = ()  # each worker's loopback-only port, for forwarded hangups
+    slots: Optional[CallSlots] = None  # the server-wide call count, shared by the workers
 
     def owner(self, call_id: str) -> Optional[int]:
         """The worker a call id belongs to (ids end in `w<index>` when there are several)."""
@@ -62,14 +67,18 @@ class CallRegistry:
         self.calls: dict[str, Call] = {}
         self.policy = ClientEventPolicy(settings.client_events, settings.session_fields)
         self.total = 0
-        # the operator's limit is for the whole server: each worker takes its share
-        self.max_calls = -(-settings.max_calls // workers.count)
+        # the operator's limit is for the whole server, counted across its workers
+        self.slots = workers.slots or CallSlots(settings.max_calls)
+        self.max_calls = settings.max_calls
 
     @property
     def full(self) -> bool:
-        return len(self.calls) >= self.max_calls
+        return self.slots.full
 
-    def create(self) -> Call:
+    def create(self) -> Optional[Call]:
+        """A new call, or None if the server is at MAX_CALLS."""
+        if not self.slots.take():
+            return None
         call_id = events.new_id("rtc")
         if self.workers.count > 1:
             call_id += f"w{self.workers.index}"
@@ -80,7 +89,8 @@ class CallRegistry:
         return call
 
     def _closed(self, call: Call) -> None:
-        self.calls.pop(call.id, None)
+        if self.calls.pop(call.id, None) is not None:
+            self.slots.give()
 
     async def close_all(self, reason: str) -> None:
         calls = list(self.calls.values())
@@ -90,6 +100,7 @@ class CallRegistry:
 
 
 REGISTRY = web.AppKey("registry", CallRegistry)
+ADMISSION = web.AppKey("admission", Admission)
 SETTINGS = web.AppKey("settings", Settings)
 KEYS = web.AppKey("keys", KeyRing)
 
@@ -158,7 +169,8 @@ async def _parse_offer(request: web.Request) -> tuple[str, Optional[dict[str, An
                     raise _TooLarge
                 if part.name:
                     parts[part.name] = data.decode("utf-8", "replace")
-        except (ValueError, AssertionError, aiohttp.ClientPayloadError, RequestPayloadError, RuntimeError) as exc:
+        except (ValueError, AssertionError, aiohttp.ClientPayloadError, RequestPayloadError, RuntimeError,
+                HttpProcessingError) as exc:
             raise _BadRequest("invalid_multipart", f"The multipart body could not be parsed: {exc}") from None
         if "sdp" not in parts:
             raise _BadRequest("missing_required_parameter", "multipart body needs an 'sdp' part.", "sdp")
@@ -205,11 +217,17 @@ async def create_call(request: web.Request) -> web.Response:
         validate_offer(sdp)
     except OfferError as exc:
         return error_response(400, "invalid_offer", str(exc), param="sdp")
-    if registry.full:
+    overload = request.app[ADMISSION].overload() if ADMISSION in request.app else None
+    if overload is not None:
+        request.app[ADMISSION].refused += 1
+        return error_response(503, "server_overloaded",
+                              f"The server is too loaded to take another call ({overload}); try again shortly.",
+                              headers={"Retry-After": "2"})
+    call = registry.create()
+    if call is None:
         return error_response(503, "too_many_calls",
                               f"The server is at its limit of {registry.settings.max_calls} concurrent calls; try again later.",
                               headers={"Retry-After": "5"})
-    call = registry.create()
     # SDP work and the upstream handshake run side by side: call set-up costs the
     # slower of the two, and a refusing upstream is answered here, precisely.
     answer, upstream = await asyncio.gather(call.accept(sdp), call.open_upstream(), return_exceptions=True)
@@ -351,7 +369,20 @@ async def healthz(request: web.Request) -> web.Response:
     reports = [_health(request), *await _siblings(request, "/healthz")]
     combined = _combine(reports)
     combined["worker"], combined["workers"] = reports[0]["worker"], reports[0]["workers"]
+    combined["max_calls"] = reports[0]["max_calls"]  # one limit for the whole server, not per worker
     return web.json_response(combined)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """For a load balancer: 200 while this process takes calls, 503 (with the reason) when it
+    is full or too loaded for another."""
+    registry = request.app[REGISTRY]
+    reason = request.app[ADMISSION].overload() if ADMISSION in request.app else None
+    if reason is None and registry.full:
+        reason = f"at its limit of {registry.max_calls} calls"
+    if reason:
+        return error_response(503, "not_ready", f"Not taking calls: {reason}.", headers={"Retry-After": "2"})
+    return web.json_response({"ready": True, "active_calls": len(registry.calls)})
 
 
 def _health(request: web.Request) -> dict:
@@ -368,6 +399,12 @@ def _health(request: web.Request) -> dict:
     }
 
 
+def recent_lateness_p99(registry: CallRegistry, since_s: float = WINDOW_S) -> float:
+    cutoff = time.monotonic() - since_s
+    values = [ms for c in registry.calls.values() for t, ms in c.playback.stats.lateness_ms if t >= cutoff]
+    return float(percentiles(values)["p99"])
+
+
 def _since(request: web.Request) -> float:
     try:
         return min(300.0, max(0.1, float(request.query.get("since", "60"))))
@@ -382,7 +419,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def _metrics(request: web.Request) -> dict:
-    from .metrics import LOOP_LAG, percentiles, process_stats
+    from .metrics import LOOP_LAG, process_stats
 
     registry = request.app[REGISTRY]
     calls = list(registry.calls.values())
@@ -444,6 +481,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/realtime/calls/{call_id}/hangup", hangup)
     app.router.add_post("/v1/realtime/client_secrets", client_secret)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/config.json", page_config)
     app.router.add_get("/", index)

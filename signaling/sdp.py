@@ -28,6 +28,7 @@ def validate_offer(sdp: str) -> None:
     audio = [s for s in sections if s[0].startswith("m=audio ")]
     if not audio:
         raise OfferError("the SDP offer has no audio m-line")
+    session_level = lines[: next((i for i, line in enumerate(lines) if line.startswith("m=")), len(lines))]
     for section in audio:
         fields = section[0].split()
         if len(fields) < 4:
@@ -38,5 +39,15 @@ def validate_offer(sdp: str) -> None:
         for line in section[1:]:
             m = _RTPMAP.match(line)
             if m and m.group(2).lower() == "opus" and m.group(3) == "48000" and m.group(1) in offered:
+                _check_transport(session_level + section)
                 return
     raise OfferError("the SDP offer does not offer the Opus codec for audio")
+
+
+def _check_transport(attrs: list[str]) -> None:
+    """What WebRTC media needs besides a codec: a DTLS fingerprint and ICE credentials
+    (without them aiortc answers, then fails in the background)."""
+    if not any(a.startswith("a=fingerprint:") for a in attrs):
+        raise OfferError("the SDP offer has no DTLS fingerprint (a=fingerprint): WebRTC media needs DTLS-SRTP")
+    if not any(a.startswith("a=ice-ufrag:") for a in attrs) or not any(a.startswith("a=ice-pwd:") for a in attrs):
+        raise OfferError("the SDP offer has no ICE credentials (a=ice-ufrag and a=ice-pwd)")

@@ -193,9 +193,10 @@ async def _request(bridge, method: str, path: str, **kwargs):
     ("POST", "/v1/realtime/calls", {"data": b"--b\r\nContent-Disposition: form-data; name=\"sdp\"\r\n\r\nv=0",
                                     "headers": {"Content-Type": "multipart/form-data; boundary=b"}}, 400),
     ("POST", "/v1/realtime/calls", {"data": b"\x1f\x8b not gzip at all",
-                                    "headers": {"Content-Type": "application/sdp", "Content-Encoding": "gzip"}}, 400),
-    ("POST", "/v1/realtime/calls", {"data": gzip.compress(b"v=0\r\n"),
-                                    "headers": {"Content-Type": "application/sdp", "Content-Encoding": "gzip"}}, 400),
+                                    "headers": {"Content-Type": "application/sdp", "Content-Encoding": "gzip"}}, 415),
+    ("POST", "/v1/realtime/client_secrets", {"data": gzip.compress(b"{}")[:8],
+                                             "headers": {"Content-Type": "application/json", "Content-Encoding": "deflate"}}, 415),
+    ("POST", "/nope", {"data": b"\x1f\x8bxxxx", "headers": {"Content-Encoding": "deflate"}}, 415),
     ("GET", "/client/" + "a" * 5000, {}, 404),
     ("GET", "/client/nope.js", {}, 404),
     ("GET", "/client/..%2Fsettings.py", {}, 404),
@@ -217,3 +218,81 @@ async def test_a_non_ascii_bearer_is_refused_with_401_when_a_token_is_required(s
     status, _, body = await _request(bridge, "POST", "/v1/realtime/calls", data="v=0",
                                      headers={"Content-Type": "application/sdp", "Authorization": "Bearer jéton"})
     assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+
+
+def test_a_flood_of_one_log_line_is_summarised_not_written_a_thousand_times():
+    from signaling.loglimit import RepeatLimiter
+
+    limiter = RepeatLimiter(burst=5, interval=0.2)
+    passed = [r for r in (logging.LogRecord("asyncio", logging.ERROR, "x", 1, "socket.accept() out of system resource",
+                                            None, None) for _ in range(1000)) if limiter.filter(r)]
+    assert len(passed) == 5
+    time.sleep(0.25)
+    later = logging.LogRecord("asyncio", logging.ERROR, "x", 1, "socket.accept() out of system resource", None, None)
+    assert limiter.filter(later) and "995 more like this" in later.getMessage()
+
+
+async def test_a_connection_that_never_sends_a_byte_is_closed(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import server
+
+    assert server.IDLE_TIMEOUT_S <= 30
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "REALTIME_URL": "ws://127.0.0.1:9/v1/realtime"}
+    code = f"import server; server.IDLE_TIMEOUT_S = 1.0; server.main()"
+    proc = subprocess.Popen([sys.executable, "-c", code, "--port", str(port), "--env-file", "/nonexistent"],
+                            cwd=Path(__file__).resolve().parent.parent, env=env, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                idle = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        started = time.monotonic()
+        idle.settimeout(10)
+        assert idle.recv(1) == b""  # the server hung up on the silent connection
+        assert time.monotonic() - started < 5
+        idle.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_a_loaded_process_refuses_new_calls_with_503_and_says_not_ready(bridge, new_caller):
+    from signaling.admission import Admission
+    from signaling.routes import ADMISSION
+
+    status, _, body = await _request(bridge, "GET", "/readyz")
+    assert status == 200 and json.loads(body)["ready"] is True
+    lag = {"p99": 5.0}
+    bridge.app[ADMISSION] = Admission(lambda: lag["p99"], lambda: 0.0)
+    lag["p99"] = 120.0  # the event loop is waking 120 ms late: calls would stutter
+    caller = new_caller(bridge.url)
+    with pytest.raises(RuntimeError, match="offer refused: 503") as refused:
+        await caller.connect()
+    assert "server_overloaded" in str(refused.value) and "event-loop lag" in str(refused.value)
+    status, _, body = await _request(bridge, "GET", "/readyz")
+    assert status == 503 and json.loads(body)["error"]["code"] == "not_ready"
+    lag["p99"] = 5.0  # load gone: calls are taken again
+    await new_caller(bridge.url).connect()
+    assert len(bridge.registry.calls) == 1
+
+
+def test_admission_reads_lateness_and_cpu_too():
+    from signaling.admission import Admission, ProcessCpu
+
+    class Busy(ProcessCpu):
+        def cores(self) -> float:
+            return 0.97
+
+    assert "late by 45 ms" in Admission(lambda: 1.0, lambda: 45.0).overload()
+    assert "CPU at 0.97" in Admission(lambda: 1.0, lambda: 1.0, cpu=Busy()).overload()
+    assert Admission(lambda: 1.0, lambda: 1.0).overload() is None

@@ -28,7 +28,11 @@ def assert_error(status, body, want_status, want_code):
     ("", "empty"),
     (VALID_OFFER_HEAD + "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:96 VP8/90000\r\n", "no audio m-line"),
     (VALID_OFFER_HEAD + "m=audio 9 UDP/TLS/RTP/SAVPF 0\r\na=rtpmap:0 PCMU/8000\r\n", "Opus"),
-    (VALID_OFFER_HEAD + "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n", "Could not apply"),
+    (VALID_OFFER_HEAD + "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n", "no DTLS fingerprint"),
+    (VALID_OFFER_HEAD + "a=fingerprint:sha-256 AB:CD\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n",
+     "no ICE credentials"),
+    (VALID_OFFER_HEAD + "a=fingerprint:sha-256 AB:CD\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n"
+     "a=ice-ufrag:abcd\r\na=ice-pwd:0123456789abcdef0123456789\r\na=setup:bogus\r\n", "Could not apply"),
 ])
 async def test_bad_offers_get_400_with_a_precise_message(bridge, sdp, fragment):
     status, body, _ = await post(bridge.url + "/v1/realtime/calls", sdp)

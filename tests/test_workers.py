@@ -76,3 +76,20 @@ def test_worker_reports_combine_when_only_one_worker_has_a_call_s_counters():
     idle = {"mic": {"frames": 0}, "lag": {"p50": 2.0, "p99": 3.0}, "loop": None}
     assert _combine([idle, busy]) == {"mic": {"frames": 50, "red_recovered": 3}, "lag": {"p50": 2.0, "p99": 4.0},
                                       "loop": None}
+
+
+def test_max_calls_is_one_limit_for_all_workers_not_a_split():
+    import os
+
+    from signaling.slots import CallSlots
+
+    slots = CallSlots(3)
+    assert slots.take() and slots.take()
+    pid = os.fork()
+    if pid == 0:  # another worker process, sharing the count
+        os._exit(0 if slots.take() and not slots.take() else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert slots.used == 3 and slots.full
+    slots.give()
+    assert not slots.full and slots.take()
