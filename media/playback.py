@@ -105,7 +105,7 @@ class PlaybackStats:
     max_lateness_ms: float = 0.0
     reanchors: int = 0
     dropped_samples: int = 0  # over MAX_BUFFERED_SAMPLES
-    #: (monotonic time, ms late) of recent frames handed out at or after their due time
+    #: (monotonic time, ms late; 0 when on time) of the recent frames
     lateness_ms: deque = field(default_factory=lambda: deque(maxlen=3000))
 
 
@@ -214,6 +214,7 @@ class PlaybackTrack(MediaStreamTrack):
         due = self._start + self._frames * FRAME_S
         wait = due - now
         if wait > 0:
+            self.stats.lateness_ms.append((now, 0.0))  # on time: percentiles are over every frame
             await self._sleep(wait)
             return
         late = -wait

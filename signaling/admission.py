@@ -8,6 +8,11 @@ late (every call's audio is paced on it), outbound frames handed to the encoder
 late (the browser hears gaps), and the process's CPU nearing a whole core (one
 loop cannot use more). Above any threshold a new offer gets 503 with
 `Retry-After`, and `/readyz` says not ready, so a load balancer sends it elsewhere.
+
+The lag and lateness signals are 95th percentiles, not 99th: a single stall (a
+call being set up costs the loop some milliseconds of crypto and ICE work, a
+garbage collection more) shows in the p99 of a few seconds' frames, while an
+overloaded loop is late on most of them.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ WINDOW_S = 5.0
 
 @dataclass(frozen=True)
 class Thresholds:
-    loop_lag_p99_ms: float = 40.0
-    lateness_p99_ms: float = 30.0
+    loop_lag_ms: float = 25.0  # p95 over WINDOW_S
+    lateness_ms: float = 20.0  # p95 over WINDOW_S
     cpu_cores: float = 0.9
 
 
@@ -53,9 +58,9 @@ class ProcessCpu:
 
 
 class Admission:
-    def __init__(self, loop_lag_p99: Callable[[], float], lateness_p99: Callable[[], float],
+    def __init__(self, loop_lag_p95: Callable[[], float], lateness_p95: Callable[[], float],
                  thresholds: Thresholds = Thresholds(), cpu: Optional[ProcessCpu] = None) -> None:
-        self._lag, self._late = loop_lag_p99, lateness_p99
+        self._lag, self._late = loop_lag_p95, lateness_p95
         self.thresholds = thresholds
         self._cpu = cpu or ProcessCpu()
         self.refused = 0
@@ -64,11 +69,11 @@ class Admission:
         """Why this process should take no new call now (None if it can)."""
         t = self.thresholds
         lag = self._lag()
-        if lag > t.loop_lag_p99_ms:
-            return f"event-loop lag p99 {lag:.0f} ms over the last {WINDOW_S:g} s (limit {t.loop_lag_p99_ms:g})"
+        if lag > t.loop_lag_ms:
+            return f"event-loop lag p95 {lag:.0f} ms over the last {WINDOW_S:g} s (limit {t.loop_lag_ms:g})"
         late = self._late()
-        if late > t.lateness_p99_ms:
-            return f"outbound audio frames late by {late:.0f} ms (p99; limit {t.lateness_p99_ms:g})"
+        if late > t.lateness_ms:
+            return f"outbound audio frames late by {late:.0f} ms (p95; limit {t.lateness_ms:g})"
         cores = self._cpu.cores()
         if cores > t.cpu_cores:
             return f"CPU at {cores:.2f} cores (limit {t.cpu_cores:g}: one event loop uses one core)"

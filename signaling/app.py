@@ -12,7 +12,7 @@ from . import metrics
 from .errors import error_middleware
 from .auth import KeyRing
 from .admission import WINDOW_S, Admission
-from .routes import ADMISSION, KEYS, REGISTRY, SETTINGS, CallRegistry, Workers, add_routes, recent_lateness_p99
+from .routes import ADMISSION, KEYS, REGISTRY, SETTINGS, CallRegistry, Workers, add_routes, recent_lateness_p95
 
 
 def build_app(settings: Settings, upstream_url: str, workers: Workers = Workers()) -> web.Application:
@@ -28,8 +28,8 @@ def build_app(settings: Settings, upstream_url: str, workers: Workers = Workers(
     metrics.install(app)
     registry = app[REGISTRY]
     app[ADMISSION] = Admission(
-        lambda: app[metrics.LOOP_LAG].summary(WINDOW_S)["p99"] if metrics.LOOP_LAG in app else 0.0,
-        lambda: recent_lateness_p99(registry))
+        lambda: app[metrics.LOOP_LAG].summary(WINDOW_S)["p95"] if metrics.LOOP_LAG in app else 0.0,
+        lambda: recent_lateness_p95(registry))
 
     async def drain_calls(app: web.Application) -> None:
         await app[REGISTRY].close_all("server shutting down")

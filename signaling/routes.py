@@ -399,10 +399,10 @@ def _health(request: web.Request) -> dict:
     }
 
 
-def recent_lateness_p99(registry: CallRegistry, since_s: float = WINDOW_S) -> float:
+def recent_lateness_p95(registry: CallRegistry, since_s: float = WINDOW_S) -> float:
     cutoff = time.monotonic() - since_s
     values = [ms for c in registry.calls.values() for t, ms in c.playback.stats.lateness_ms if t >= cutoff]
-    return float(percentiles(values)["p99"])
+    return float(percentiles(values)["p95"])
 
 
 def _since(request: web.Request) -> float:
