@@ -314,7 +314,8 @@ async def browser_loss(quick: bool, server_cls, log, paths=("libopus", "aiortc")
         await transcriber.close()
         await pool.close()
         await up.stop()
-    return {"seconds_per_run": seconds, "levels": levels, "source": {"sentences": SENTENCES, "seconds":
+    return {"seconds_per_run": seconds, "levels": levels, "source": {"sentences": SENTENCES,
+            "voice": "Piper (the bundled en_US-joe voice)", "seconds":
             round(source.size / SCORE_RATE, 1)}, **clean, "runs": rows, "cpu": cpu_result,
             "loss": "nftables random UDP drop on the receiving side's input hook, one direction at a time"}
 

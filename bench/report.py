@@ -105,6 +105,19 @@ def _loss_table(levels: list[dict], with_downlink: bool) -> list[str]:
     return rows
 
 
+def _refusal(cap: dict) -> list[str]:
+    """Why the ramp stopped, when it stopped before any step fell behind."""
+    steps = cap["steps"]
+    if not steps or steps[-1]["fell_behind"]:
+        return []
+    refused = cap.get("refused")
+    if refused:
+        return ["", f"The ramp stopped at {refused['calls']} calls: the server refused the next offer "
+                f"(load-aware admission, `signaling/admission.py`): {refused['reason']}"]
+    return ["", "The ramp stopped before any step fell behind: the server refused the next offer with 503 "
+            "(load-aware admission, `signaling/admission.py`; the reason is in the run's log)."]
+
+
 def _p(d: dict | None) -> str:
     if not d or d.get("p50") is None:
         return "—"
@@ -146,12 +159,13 @@ def write_report(r: dict) -> Path:
         f"(of {r['capacity']['steps'][-1]['calls']} tried). Clients run on the same 2 cores, so their CPU competes with the server's.",
         "",
         *_capacity_table(r["capacity"]["steps"], per_worker_detail=True),
+        *_refusal(r["capacity"]),
     ]
     two = r.get("capacity_2_workers")
     if two:
         lines += ["", f"The same ramp against `server.py --workers 2` (two processes on the port; CPU, RSS and threads "
                   f"summed over both): **highest sustainable count {two['max_calls']}**.", "",
-                  *_capacity_table(two["steps"], per_worker_detail=False)]
+                  *_capacity_table(two["steps"], per_worker_detail=False), *_refusal(two)]
     else:
         lines += ["", "The `--workers 2` ramp runs in the full suite only."]
     mem = r["memory"]
@@ -244,7 +258,7 @@ def _browser_section(b: dict) -> list[str]:
     src = b["source"]
     lines += [
         f"Debian's Chromium, headless, in its own network namespace; its microphone a {src['seconds']} s file of "
-        f"{len(src['sentences'])} espeak-ng sentences, looped; the bundled page against `server.py`. {b['loss']}, "
+        f"{len(src['sentences'])} sentences spoken by {src.get('voice', 'Piper (the bundled en_US-joe voice)')}, looped; the bundled page against `server.py`. {b['loss']}, "
         f"switched on after the call connected, {b['seconds_per_run']} s per run. **ours** = `--audio-path libopus` "
         "(answer asks for in-band FEC and RED; holes rebuilt from RED, then FEC, then libopus concealment; "
         "24 kHz mono encoder with FEC sized from Chromium's receiver reports, RED toward it); **stock** = "

@@ -201,6 +201,7 @@ async def echo_cost(url: str, stats: ProcStats, up: Optional[InstantUpstream], n
 async def capacity(srv: Server, up: InstantUpstream, steps: list[int], seconds: float, settle: float) -> dict:
     up.mode = "markers"
     rows = []
+    refused = None
     base_rss = srv.stats.rss_mb()
     base_p95 = None
     for n in steps:
@@ -208,8 +209,9 @@ async def capacity(srv: Server, up: InstantUpstream, steps: list[int], seconds: 
         await probe.start()
         try:
             load = await load_calls(srv.url, n - 1, up)
-        except Exception as exc:  # the machine itself refusing is an answer too
+        except Exception as exc:  # the server refusing (load-aware admission) is an answer too
             log(f"  capacity: could not set up {n} calls: {exc}")
+            refused = {"calls": n, "reason": str(exc)[:300]}
             await probe.stop()
             break
         await asyncio.sleep(settle)
@@ -238,7 +240,7 @@ async def capacity(srv: Server, up: InstantUpstream, steps: list[int], seconds: 
         if behind:
             break
     ok = [r["calls"] for r in rows if not r["fell_behind"]]
-    return {"steps": rows, "max_calls": max(ok) if ok else 0, "criteria":
+    return {"steps": rows, "max_calls": max(ok) if ok else 0, "refused": refused, "criteria":
             "outbound frame lateness p99 <= 20 ms, no lost mic frames, uplink p95 below max(2x, +20 ms) its 1-call value"}
 
 

@@ -94,3 +94,14 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def connected_call(bridge: Bridge, stub: RealtimeStub, new_caller, freq=None):
+    """A caller connected through `bridge` to `stub`, its channel open and its session updated."""
+    caller = new_caller(bridge.url)
+    caller.source.freq = freq
+    await caller.connect()
+    session = await stub.wait_session()
+    await asyncio.wait_for(caller.channel_open.wait(), 10)
+    await caller.wait_event("session.updated")
+    return caller, session

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from media.audio import FRAME_BYTES, REALTIME_RATE, dominant_frequency, rms_dbfs
-from tests.conftest import eventually
+from tests.conftest import connected_call, eventually
 
 RTP_RATE = 48000
 
@@ -18,16 +18,6 @@ def tone_ms(pcm48: bytes, threshold_dbfs: float = -40) -> int:
     """Milliseconds of non-silent 10 ms blocks in 48 kHz mono PCM."""
     block = 960  # 10 ms at 48 kHz, in bytes
     return sum(10 for i in range(0, len(pcm48) - block + 1, block) if rms_dbfs(pcm48[i:i + block]) > threshold_dbfs)
-
-
-async def connected_call(bridge, stub, new_caller, freq=None):
-    caller = new_caller(bridge.url)
-    caller.source.freq = freq
-    await caller.connect()
-    session = await stub.wait_session()
-    await asyncio.wait_for(caller.channel_open.wait(), 10)
-    await caller.wait_event("session.updated")
-    return caller, session
 
 
 async def test_the_session_is_configured_for_24k_pcm_and_the_page_sees_created_then_updated(bridge, stub, new_caller):

@@ -19,6 +19,7 @@ import aiohttp
 from harness.stub import RealtimeStub
 from realtime.events import CLIENT_EVENT_TYPES, SERVER_EVENT_TYPES
 from realtime.policy import ClientEventPolicy
+from tests.conftest import connected_call
 
 SEED = 20261201
 SECRET = "sk-fuzz-0123456789abcdefSECRETKEYxyz"
@@ -149,11 +150,7 @@ def page_message(rng: random.Random) -> str | bytes:
 
 async def test_fuzzed_page_messages_are_each_answered_and_only_the_policy_reaches_the_upstream(bridge, stub, new_caller):
     rng = random.Random(SEED + 1)
-    caller = new_caller(bridge.url)
-    await caller.connect()
-    session = await stub.wait_session()
-    await asyncio.wait_for(caller.channel_open.wait(), 10)
-    await caller.wait_event("session.updated")
+    caller, session = await connected_call(bridge, stub, new_caller)
     policy = ClientEventPolicy(bridge.settings.client_events, bridge.settings.session_fields)
     expected_errors = 0
     errors_before = len(caller.events_of("error"))
@@ -200,11 +197,7 @@ async def test_a_hostile_upstream_cannot_break_the_call_or_leak_the_key(start_br
     rng = random.Random(SEED + 2)
     async with RealtimeStub() as stub:
         bridge = await start_bridge(stub.url, api_key=SECRET)
-        caller = new_caller(bridge.url)
-        await caller.connect()
-        session = await stub.wait_session()
-        await asyncio.wait_for(caller.channel_open.wait(), 10)
-        await caller.wait_event("session.updated")
+        caller, session = await connected_call(bridge, stub, new_caller)
         for _ in range(300):
             await session.ws.send(upstream_event(rng))
         await session.send({"type": "response.output_text.delta", "delta": "the end"})

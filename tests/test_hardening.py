@@ -15,25 +15,16 @@ import pytest
 from harness.stub import RealtimeStub
 from realtime import call as call_module
 from signaling.auth import KeyRing
-from tests.conftest import eventually
+from tests.conftest import connected_call, eventually
 
 SECRET = "sk-proj-Th1sIsTheUpstreamKey0123456789abcdef"
-
-
-async def connected(bridge, stub, new_caller):
-    caller = new_caller(bridge.url)
-    await caller.connect()
-    session = await stub.wait_session()
-    await asyncio.wait_for(caller.channel_open.wait(), 10)
-    await caller.wait_event("session.updated")
-    return caller, session
 
 
 async def test_an_upstream_that_echoes_the_key_never_puts_it_on_the_page_or_in_the_log(start_bridge, new_caller, caplog):
     caplog.set_level(logging.INFO)
     async with RealtimeStub() as stub:
         bridge = await start_bridge(stub.url, api_key=SECRET)
-        caller, session = await connected(bridge, stub, new_caller)
+        caller, session = await connected_call(bridge, stub, new_caller)
         assert {k.lower(): v for k, v in session.headers.items()}["authorization"] == f"Bearer {SECRET}"  # it got it
         await session.send({"type": "error", "error": {"type": "invalid_request_error", "code": "invalid_api_key",
                                                        "message": f"Incorrect API key provided: Bearer {SECRET}."}})
@@ -61,7 +52,7 @@ async def eventually_event(caller, text: str, timeout: float = 10.0) -> dict:
 
 
 async def test_a_normal_upstream_close_is_reported_with_its_code(bridge, stub, new_caller):
-    caller, _ = await connected(bridge, stub, new_caller)
+    caller, _ = await connected_call(bridge, stub, new_caller)
     await stub.drop(1000, "bye")
     ended = await eventually_event(caller, "Call ended")
     assert "code 1000: bye" in ended["error"]["message"]
@@ -90,7 +81,7 @@ MALFORMED = [
 
 
 async def test_malformed_upstream_events_are_dropped_and_counted_never_fatal(bridge, stub, new_caller):
-    caller, session = await connected(bridge, stub, new_caller)
+    caller, session = await connected_call(bridge, stub, new_caller)
     call = bridge.registry.calls[caller.call_id]
     for event in MALFORMED:
         await session.ws.send(json.dumps(event))
@@ -132,7 +123,7 @@ async def test_an_upstream_429_becomes_503_with_retry_after(start_bridge, new_ca
 
 
 async def test_a_page_message_nested_a_thousand_deep_gets_an_error_and_the_call_goes_on(bridge, stub, new_caller):
-    caller, session = await connected(bridge, stub, new_caller)
+    caller, session = await connected_call(bridge, stub, new_caller)
     caller.send_event("[" * 1000 + "]" * 1000)
     err = await caller.wait_event("error")
     assert "nests deeper" in err["error"]["message"]
@@ -141,7 +132,7 @@ async def test_a_page_message_nested_a_thousand_deep_gets_an_error_and_the_call_
 
 
 async def test_a_huge_session_update_gets_an_error_reply_that_fits_the_page(bridge, stub, new_caller):
-    caller, session = await connected(bridge, stub, new_caller)
+    caller, session = await connected_call(bridge, stub, new_caller)
     junk = {f"field_{i:05d}_{'x' * 20}": i for i in range(2800)}  # ≈ 100 KB of fields nobody may set
     caller.send_event({"type": "session.update", "session": {"instructions": "hi", **junk}})
     err = await caller.wait_event("error", timeout=15)
@@ -152,7 +143,7 @@ async def test_a_huge_session_update_gets_an_error_reply_that_fits_the_page(brid
 
 
 async def test_an_upstream_event_larger_than_the_page_accepts_is_split_and_captions_keep_working(bridge, stub, new_caller):
-    caller, session = await connected(bridge, stub, new_caller)
+    caller, session = await connected_call(bridge, stub, new_caller)
     text = "word " * 60_000  # 300 KB in one transcript delta
     await session.send({"type": "response.output_audio_transcript.delta", "response_id": "r", "item_id": "i",
                         "output_index": 0, "content_index": 0, "delta": text})
