@@ -124,8 +124,12 @@ class Server:
 
 async def load_calls(url: str, n: int, upstream: Optional[InstantUpstream]) -> list[ProbeCall]:
     calls = [ProbeCall(url, upstream, analyse=False) for _ in range(n)]
-    for c in calls:  # one at a time: set-up bursts are not what we measure
-        await c.start()
+    try:
+        for c in calls:  # one at a time: set-up bursts are not what we measure
+            await c.start()
+    except BaseException:
+        await stop_all(calls)  # a refused offer must not leave the others running into the next section
+        raise
     return calls
 
 
