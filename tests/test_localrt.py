@@ -412,11 +412,13 @@ async def test_the_session_s_speed_makes_piper_speak_faster():
     await speaker.start()
     try:
         lengths = {}
-        for speed in (1.0, 1.6):
+        for speed in (1.0, 2.0):
             pcm = b"".join([c async for c in speaker.synthesize("Please remind me to call my sister tomorrow.", "joe", speed)])
             lengths[speed] = len(pcm) / 48000
         assert 1.5 < lengths[1.0] < 5.0
-        assert lengths[1.6] < 0.75 * lengths[1.0], lengths
+        # Piper's phoneme durations are drawn with noise (±15 % seen run to run): half the
+        # length scale gives ≈0.5×, asserted with room for that noise
+        assert lengths[2.0] < 0.8 * lengths[1.0], lengths
         heard = recognize(b"".join([c async for c in speaker.synthesize("Please remind me to call my sister tomorrow.")]),
                           24000).lower()
         assert "sister" in heard and "remind" in heard, heard
