@@ -22,12 +22,15 @@ def speech_wav(text: str, path: Path, *, rate: int = 48000, pad_s: float = 2.0, 
     resampled to `rate` mono PCM16, with 0.5 s of silence before and `pad_s` after."""
     raw = path.with_suffix(".raw.wav")
     if voice == "piper":
+        from piper import SynthesisConfig
+
+        # No generator noise: the same text is the same audio every run (tests compare numbers).
         with wave.open(str(raw), "wb") as w:
-            _piper().synthesize_wav(text, w)
+            _piper().synthesize_wav(text, w, syn_config=SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0))
     else:
         espeak = "en-us" if voice == "espeak" else voice
         subprocess.run(["espeak-ng", "-v", espeak, "-s", "150", "-w", str(raw), text], check=True, capture_output=True)
-    subprocess.run(["sox", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(path), "pad", "0.5", str(pad_s)],
+    subprocess.run(["sox", "-D", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(path), "pad", "0.5", str(pad_s)],
                    check=True, capture_output=True)
     raw.unlink()
     return path

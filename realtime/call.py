@@ -278,7 +278,8 @@ class Call:
         up = self.audio_counters()["uplink"]
         if self.uplink is not None:
             return ("mic packets={packets} lost={lost} red={red_recovered} fec={fec_recovered} "
-                    "concealed={concealed} unfilled={unfilled} late={late} reordered={reordered}").format(**up)
+                    "concealed={concealed} unfilled={unfilled} late={late} reordered={reordered}").format(
+                **{"late": 0, "reordered": 0, **up})
         return "mic frames={packets} lost={lost} silence={silence_ms}ms (aiortc path)".format(
             **{"packets": 0, "lost": 0, "silence_ms": 0, **up})
 
