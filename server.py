@@ -34,7 +34,6 @@ IDLE_TIMEOUT_S = 15.0
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    redaction.install_log_filter()  # no log line carries a secret, whoever wrote it
     for handler in logging.getLogger().handlers:
         handler.addFilter(RepeatLimiter())  # a flood of one line becomes a count
     # aiortc and aioice are chatty at INFO about every ICE pair.
@@ -167,6 +166,7 @@ def run_workers(settings: config.Settings) -> int:
 
 def main() -> None:
     settings = config.load_or_exit()
+    redaction.configure(settings.api_key, settings.auth_token)  # before the first log line
     configure_logging(settings.log_level)
     # `kill -USR1 <pid>` prints every thread's stack to stderr: for a stuck server in production.
     faulthandler.register(signal.SIGUSR1, all_threads=True)

@@ -22,7 +22,6 @@ def main() -> None:
     settings = config.load_or_exit(argv)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     redaction.configure(settings.api_key, settings.auth_token)
-    redaction.install_log_filter()
     app = build_local_app(settings)
     print(f"local Realtime backend: ws://{settings.host}:{settings.port}/v1/realtime", file=sys.stderr)
     web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)

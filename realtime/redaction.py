@@ -87,19 +87,3 @@ def _install_record_factory() -> None:
 
     logging.setLogRecordFactory(factory)
     _factory_installed = True
-
-
-class LogFilter(logging.Filter):
-    """The same masking for handlers (for records made before `configure()` ran)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        _clean_record(record)
-        return True
-
-
-def install_log_filter() -> None:
-    """Put the filter on every handler of the root logger as well."""
-    root = logging.getLogger()
-    for handler in root.handlers:
-        if not any(isinstance(f, LogFilter) for f in handler.filters):
-            handler.addFilter(LogFilter())

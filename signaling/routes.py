@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import aiohttp
 from aiohttp import web
@@ -399,10 +399,14 @@ def _health(request: web.Request) -> dict:
     }
 
 
-def recent_lateness_p95(registry: CallRegistry, since_s: float = WINDOW_S) -> float:
+def recent_lateness(calls: Iterable[Call], since_s: float) -> list[float]:
+    """How late (ms) the calls' outbound frames were over the last `since_s` seconds."""
     cutoff = time.monotonic() - since_s
-    values = [ms for c in registry.calls.values() for t, ms in c.playback.stats.lateness_ms if t >= cutoff]
-    return float(percentiles(values)["p95"])
+    return [ms for c in calls for t, ms in c.playback.stats.lateness_ms if t >= cutoff]
+
+
+def recent_lateness_p95(registry: CallRegistry, since_s: float = WINDOW_S) -> float:
+    return float(percentiles(recent_lateness(registry.calls.values(), since_s))["p95"])
 
 
 def _since(request: web.Request) -> float:
@@ -423,8 +427,7 @@ def _metrics(request: web.Request) -> dict:
 
     registry = request.app[REGISTRY]
     calls = list(registry.calls.values())
-    cutoff = time.monotonic() - _since(request)  # the same window as the loop lag
-    lateness = [ms for c in calls for t, ms in c.playback.stats.lateness_ms if t >= cutoff]
+    lateness = recent_lateness(calls, _since(request))  # the same window as the loop lag
     return {
         "active_calls": len(calls),
         "total_calls": registry.total,
