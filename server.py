@@ -23,7 +23,7 @@ from aiohttp import web
 import settings as config
 from realtime import redaction
 from signaling.app import build_app
-from signaling.routes import Workers
+from signaling.routes import GUARD, REGISTRY, Workers
 from signaling.loglimit import RepeatLimiter
 from signaling.slots import CallSlots
 
@@ -81,6 +81,7 @@ async def serve(settings: config.Settings, ready: Optional[asyncio.Event] = None
     # 20,000 silent connections once ran the process out of file descriptors).
     runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=IDLE_TIMEOUT_S)
     await runner.setup()
+    app[GUARD].attach(runner.server)  # the connection cap (signaling/guard.py)
     ssl_context = None
     if settings.tls_cert:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -105,6 +106,7 @@ async def serve(settings: config.Settings, ready: Optional[asyncio.Event] = None
     try:
         await stop.wait()
     finally:
+        app[REGISTRY].draining = True  # offers still being answered get 503, not a call that is torn down
         logging.getLogger("server").info("shutting down")
         # the public app first (drains calls), the local backend it talks to last
         for r in runners:

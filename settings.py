@@ -79,6 +79,9 @@ class Settings:
     max_call_seconds: float = 3600.0
     connect_timeout: float = 15.0
     media_timeout: float = 10.0
+    max_connections: int = 1000
+    offers_per_minute: int = 60
+    pending_offers_per_address: int = 10
     audio_path: str = "libopus"
     reorder_wait_ms: int = 40
     red: bool = True
@@ -263,7 +266,7 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("host", ("HOST",), str, "address to listen on (0.0.0.0 for other machines; phones need --tls-cert)"),
     Option("port", ("PORT",), _port, "TCP port for the page, signaling and the local backend"),
-    Option("workers", ("WORKERS",), _positive_int, "server processes sharing the port (one event loop each; use one per core); MAX_CALLS is split between them"),
+    Option("workers", ("WORKERS",), _positive_int, "server processes sharing the port (one event loop each; use one per core); MAX_CALLS is a total over all of them"),
     Option("tls_cert", ("TLS_CERT",), str, "PEM certificate: serve HTTPS (browsers only allow the mic on https or localhost)"),
     Option("tls_key", ("TLS_KEY",), str, "PEM private key for --tls-cert"),
     Option("realtime_url", ("REALTIME_URL",), _ws_url, "upstream Realtime WebSocket URL (default: OpenAI if a key is set, else the embedded local backend)"),
@@ -285,6 +288,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_call_seconds", ("MAX_CALL_SECONDS",), _positive_float, "a call is ended after this long"),
     Option("connect_timeout", ("CONNECT_TIMEOUT",), _positive_float, "seconds for ICE+DTLS to connect before the call is dropped"),
     Option("media_timeout", ("MEDIA_TIMEOUT",), _positive_float, "seconds without audio from the caller before the call is ended"),
+    Option("max_connections", ("MAX_CONNECTIONS",), _positive_int, "open HTTP connections per process; past it the one idle the longest is closed (kept below the file-descriptor limit)"),
+    Option("offers_per_minute", ("OFFERS_PER_MINUTE",), _non_negative_int, "offers one client address may make per minute (a burst of that many, then one every 60/N s; 0: no limit; requests with BRIDGE_AUTH_TOKEN are exempt)"),
+    Option("pending_offers_per_address", ("PENDING_OFFERS_PER_ADDRESS",), _non_negative_int, "calls one client address may have not yet connected (ICE/DTLS) at once (0: no limit; BRIDGE_AUTH_TOKEN exempt)"),
     Option("audio_path", ("AUDIO_PATH",), _choice("libopus", "aiortc"), "Opus both ways: 'libopus' is the bridge's own (answer asks for in-band FEC and RED; lost packets rebuilt from RED, then FEC, then concealment; 24 kHz mono encoder with FEC sized from the browser's loss reports); 'aiortc' is aiortc's stock path (its jitter buffer, PyAV decode + resample, 96 kb/s CELT encoder, no FEC, lost audio becomes silence)"),
     Option("reorder_wait_ms", ("REORDER_WAIT_MS",), _non_negative_int, "longest wait for a missing packet before it is given up and rebuilt, ms (rounded down to 20 ms packets; no wait when the next packet carries the lost audio)"),
     Option("red", ("AUDIO_RED",), _bool, "negotiate redundant audio (RED, RFC 2198) with browsers that offer it: each packet also carries the previous frame (about twice the audio bitrate), so a lost packet is rebuilt exactly"),

@@ -105,7 +105,9 @@ class Caller:
         self._reader: Optional[asyncio.Task] = None
         self._event_waiters: list[tuple[str, asyncio.Future]] = []
 
-    async def connect(self, path: str = "/v1/realtime/calls") -> None:
+    async def connect(self, path: str = "/v1/realtime/calls", *, answer_delay: float = 0.0,
+                      headers: Optional[dict[str, str]] = None) -> None:
+        """Offer, and apply the answer (after `answer_delay` s: a peer slow to connect)."""
         self.pc.addTrack(self.source)
         self.channel = self.pc.createDataChannel("oai-events")
         self.channel.on("open", self.channel_open.set)
@@ -114,11 +116,13 @@ class Caller:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         async with aiohttp.ClientSession() as http:
             async with http.post(self.base_url + path, data=self.pc.localDescription.sdp,
-                                 headers={"Content-Type": "application/sdp"}) as resp:
+                                 headers={"Content-Type": "application/sdp", **(headers or {})}) as resp:
                 body = await resp.text()
                 if resp.status != 201:
                     raise RuntimeError(f"offer refused: {resp.status} {body}")
                 self.call_id = resp.headers["Location"].rsplit("/", 1)[-1]
+        if answer_delay:
+            await asyncio.sleep(answer_delay)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
 
     def _on_track(self, track) -> None:

@@ -37,6 +37,7 @@ from . import events
 from .events import Client, ErrorCode, Event, Server
 from .pagefit import fit_for_page
 from .policy import ClientEventPolicy
+from . import sctpcap
 from .redaction import redact
 from .upstream import UpstreamError, UpstreamSession
 
@@ -49,6 +50,10 @@ MAX_PENDING_PAGE_EVENTS = 500
 SESSION_CREATED_TIMEOUT_S = 10.0
 #: The page's message limit when its SDP did not say (RFC 8841's default is 64 KiB).
 DEFAULT_PAGE_MESSAGE_LIMIT = 65536
+#: A call whose peer has not connected this long after the answer gives its upstream session
+#: back (a new one opens if the peer connects later, before CONNECT_TIMEOUT): offers that never
+#: connect must not hold the model service's sessions.
+UPSTREAM_HOLD_S = 5.0
 
 
 class CallEnded(Exception):
@@ -101,6 +106,10 @@ class Call:
         self._connect_tasks: set[asyncio.Task] = set()  # aiortc's ICE/DTLS start-up tasks
         self.malformed_upstream_events = 0  # valid JSON, but not the shape its type promises
         self.oversized_page_events = 0
+        self._setup_events: list[Event] = []  # session.updates of the call's creation, for a new upstream
+        self.upstream_parked = False
+        self.on_connected: Optional[Callable[["Call"], None]] = None
+        self._upstream_tasks: list[asyncio.Task] = []
 
     # -- setup ---------------------------------------------------------------------
 
@@ -112,6 +121,8 @@ class Call:
         pc.on("connectionstatechange", self._on_connection_state)
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         self._watch_peer_connect()  # before anything awaits: the task it started has not run yet
+        if pc.sctp is not None:
+            sctpcap.install(pc.sctp, self._on_oversized_page_message, self._on_page_flood)
         # Attach our track to the offered audio transceiver *before* createAnswer,
         # or the answer comes out recvonly.
         pc.addTrack(self.playback)
@@ -178,13 +189,17 @@ class Call:
         """
         await self.upstream.connect(events.session_update(self.settings.session_config()))
 
+    def send_setup(self, event: Event) -> None:
+        """A session.update that belongs to the call's set-up (the key's or the offer's session):
+        sent now, and again to any upstream that replaces this one."""
+        self._setup_events.append(event)
+        self.upstream.send(event)
+
     def start(self) -> None:
         """Start pumping upstream events and the call's timers (after `open_upstream`)."""
-        self._spawn(self.upstream.write_loop(), "upstream-writer")
-        self._spawn(self._read_upstream(), "upstream-reader")
+        self._start_upstream_tasks()
         self._spawn(self._watch_connect(), "connect-timeout")
         self._spawn(self._watch_duration(), "max-duration")
-        self._spawn(self._watch_session_created(), "session-created")
         if self.uplink is not None:
             self._spawn(self._watch_uplink(), "media-timeout")
         if self.packer is not None:
@@ -370,13 +385,52 @@ class Call:
         if state == "connected" and self.connected_at is None:
             self.connected_at = time.monotonic()
             logger.info("call %s connected in %.0f ms", self.id, (self.connected_at - self.created_at) * 1000)
+            if self.upstream_parked and self.reason is None:
+                self._spawn(self._resume_upstream(), "upstream-resume")
+            if self.on_connected is not None:
+                self.on_connected(self)
         elif state in ("failed", "closed"):
             self.end(f"peer connection {state}")
 
+    def _start_upstream_tasks(self) -> None:
+        self._upstream_tasks = [self._spawn(self.upstream.write_loop(), "upstream-writer"),
+                                self._spawn(self._read_upstream(), "upstream-reader"),
+                                self._spawn(self._watch_session_created(), "session-created")]
+
     async def _watch_connect(self) -> None:
-        await asyncio.sleep(self.settings.connect_timeout)
+        timeout = self.settings.connect_timeout
+        hold = min(UPSTREAM_HOLD_S, timeout)
+        await asyncio.sleep(hold)
+        if self.connected_at is None and hold < timeout:
+            await self._park_upstream()
+            await asyncio.sleep(timeout - hold)
         if self.connected_at is None:
-            raise CallEnded(f"ICE/DTLS did not connect within {self.settings.connect_timeout:g} s")
+            raise CallEnded(f"ICE/DTLS did not connect within {timeout:g} s")
+
+    async def _park_upstream(self) -> None:
+        """Give the upstream session back while the peer has not connected; a fresh one, with
+        the set-up events queued, waits to be opened by `_resume_upstream`."""
+        self.upstream_parked = True
+        for task in self._upstream_tasks:
+            task.cancel()
+        old, self.upstream = self.upstream, self.upstream.fresh()
+        for event in self._setup_events:
+            self.upstream.send(event)
+        self._session_created.clear()
+        # what the old session said (session.created, ...) is not the new one's: the page never saw it
+        self._pending_page = [m for m in self._pending_page if events.loads_type(m) == Server.ERROR]
+        logger.info("call %s: peer not connected after %g s: upstream session closed until it connects",
+                    self.id, UPSTREAM_HOLD_S)
+        try:
+            await asyncio.wait_for(old.close(), 2.0)
+        except (asyncio.TimeoutError, OSError):
+            pass
+
+    async def _resume_upstream(self) -> None:
+        self.upstream_parked = False
+        await self.open_upstream()  # a refusal ends the call with the reason (UpstreamError)
+        self._start_upstream_tasks()
+        logger.info("call %s: upstream session reopened after the peer connected", self.id)
 
     async def _watch_uplink(self) -> None:
         """The media timeout for our own uplink: no packet from the caller for that long."""
@@ -422,6 +476,15 @@ class Call:
             self.barge_in()
             return
         self.upstream.send(event)
+
+    def _on_oversized_page_message(self, size: int) -> None:
+        self.to_page(events.error(
+            f"A data-channel message of {size} bytes was dropped: the limit is {sctpcap.MAX_MESSAGE_BYTES} "
+            "bytes (the answer's max-message-size).", code=ErrorCode.MESSAGE_TOO_LARGE))
+
+    def _on_page_flood(self, held: int) -> None:
+        self.end(f"the peer sent {held} bytes of unfinished data-channel messages, past the "
+                 f"{sctpcap.RECEIVE_WINDOW_BYTES}-byte receive window", code=ErrorCode.MESSAGE_TOO_LARGE)
 
     def to_page(self, event: Event) -> None:
         """Send an event to the page: secrets masked, split or cut to the page's message

@@ -110,6 +110,16 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:22]}"
 
 
+def loads_type(message: str) -> Optional[str]:
+    """The `type` of a serialised event (None if it has none)."""
+    try:
+        event = json.loads(message)
+    except ValueError:
+        return None
+    kind = event.get("type") if isinstance(event, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 def event_id() -> str:
     return new_id("event")
 

@@ -60,6 +60,10 @@ class UpstreamSession:
         self.received_events = 0
         self.malformed_events = 0  # not JSON, not an object, or no string `type`: dropped
 
+    def fresh(self) -> "UpstreamSession":
+        """A new, unopened session to the same server with the same credentials."""
+        return UpstreamSession(self.url, self._headers, open_timeout=self._open_timeout)
+
     async def connect(self, first: Event) -> None:
         """Open the socket and send `first` (the session.update) before anything queued."""
         where = redact(self.url)

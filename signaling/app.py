@@ -11,16 +11,19 @@ from .cors import Cors
 from . import metrics
 from .errors import error_middleware
 from .auth import KeyRing
+from .guard import ConnectionGuard, connection_cap, raise_fd_limit
 from .admission import WINDOW_S, Admission
-from .routes import ADMISSION, KEYS, REGISTRY, SETTINGS, CallRegistry, Workers, add_routes, recent_lateness_p95
+from .routes import ADMISSION, GUARD, KEYS, REGISTRY, SETTINGS, CallRegistry, Workers, add_routes, recent_lateness_p95
 
 
 def build_app(settings: Settings, upstream_url: str, workers: Workers = Workers()) -> web.Application:
     redaction.configure(settings.api_key, settings.auth_token)
     # Request bodies are never decompressed for us: a body that does not inflate would fail
     # inside aiohttp, after our answer, and reset the connection. Compressed bodies get a 415.
-    app = web.Application(middlewares=[Cors(settings.cors_origins).middleware, error_middleware],
+    guard = ConnectionGuard(connection_cap(settings.max_connections, settings.max_calls, raise_fd_limit()))
+    app = web.Application(middlewares=[guard.middleware, Cors(settings.cors_origins).middleware, error_middleware],
                           handler_args={"auto_decompress": False})
+    app[GUARD] = guard  # attach(runner.server) once the runner is set up
     app[SETTINGS] = settings
     app[REGISTRY] = CallRegistry(settings, upstream_url, workers)
     app[KEYS] = KeyRing(settings.auth_token)

@@ -12,8 +12,8 @@ from realtime.redaction import redact
 logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-          415: "invalid_request_error", 502: "server_error", 503: "server_error"}
+          404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+          415: "invalid_request_error", 429: "rate_limit_error", 502: "server_error", 503: "server_error"}
 
 
 def error_response(status: int, code: str, message: str, *, param: Optional[str] = None,

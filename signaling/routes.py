@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
@@ -34,11 +36,15 @@ from .errors import error_response
 from .metrics import percentiles
 from .sdp import OfferError, validate_offer
 from .admission import WINDOW_S, Admission
+from .guard import BODY_TIMEOUT_S, ConnectionGuard
+from .ratelimit import OfferLimits
 from .slots import CallSlots
 
 logger = logging.getLogger(__name__)
 
 MAX_OFFER_BYTES = 64 * 1024
+#: What a call id looks like (`events.new_id("rtc")`, plus `w<worker>` with several workers).
+CALL_ID = re.compile(r"rtc_[0-9a-f]{22}(?:w[0-9]{1,3})?")
 CLIENT_DIR = Path(__file__).resolve().parent.parent / "client"
 
 
@@ -52,7 +58,10 @@ class Workers:
     slots: Optional[CallSlots] = None  # the server-wide call count, shared by the workers
 
     def owner(self, call_id: str) -> Optional[int]:
-        """The worker a call id belongs to (ids end in `w<index>` when there are several)."""
+        """The worker a call id belongs to (ids end in `w<index>` when there are several).
+        Only well-formed ids are ever forwarded: the id goes into a URL path."""
+        if not CALL_ID.fullmatch(call_id):
+            return None
         head, sep, tail = call_id.rpartition("w")
         return int(tail) if sep and tail.isdigit() and int(tail) < self.count else None
 
@@ -70,13 +79,17 @@ class CallRegistry:
         # the operator's limit is for the whole server, counted across its workers
         self.slots = workers.slots or CallSlots(settings.max_calls)
         self.max_calls = settings.max_calls
+        self.limits = OfferLimits(settings.offers_per_minute, settings.pending_offers_per_address)
+        self._pending: dict[str, str] = {}  # call id → address, until the call connects or ends
+        self.draining = False  # SIGTERM: no new calls, offers in flight refused
 
     @property
     def full(self) -> bool:
         return self.slots.full
 
-    def create(self) -> Optional[Call]:
-        """A new call, or None if the server is at MAX_CALLS."""
+    def create(self, address: Optional[str] = None) -> Optional[Call]:
+        """A new call, or None if the server is at MAX_CALLS. `address`: the client's, counted
+        against its pending-offer limit until the call connects or ends (None: exempt)."""
         if not self.slots.take():
             return None
         call_id = events.new_id("rtc")
@@ -84,15 +97,26 @@ class CallRegistry:
             call_id += f"w{self.workers.index}"
         upstream = UpstreamSession(self.upstream_url, self.settings.upstream_headers())
         call = Call(call_id, self.settings, upstream, self.policy, on_closed=self._closed)
+        if address is not None:
+            self._pending[call_id] = address
+            self.limits.started(address)
+            call.on_connected = self._settle
         self.calls[call_id] = call
         self.total += 1
         return call
 
+    def _settle(self, call: Call) -> None:
+        address = self._pending.pop(call.id, None)
+        if address is not None:
+            self.limits.settled(address)
+
     def _closed(self, call: Call) -> None:
+        self._settle(call)
         if self.calls.pop(call.id, None) is not None:
             self.slots.give()
 
     async def close_all(self, reason: str) -> None:
+        self.draining = True
         calls = list(self.calls.values())
         for call in calls:
             call.end(reason)
@@ -103,18 +127,30 @@ REGISTRY = web.AppKey("registry", CallRegistry)
 ADMISSION = web.AppKey("admission", Admission)
 SETTINGS = web.AppKey("settings", Settings)
 KEYS = web.AppKey("keys", KeyRing)
+GUARD = web.AppKey("guard", ConnectionGuard)
 
 
 async def read_body(request: web.Request) -> bytes:
+    """The whole body, at most MAX_OFFER_BYTES (callers bound the time with `_deadline`)."""
     if request.content_length is not None and request.content_length > MAX_OFFER_BYTES:
         raise _TooLarge
     try:
-        body = await request.content.read(MAX_OFFER_BYTES + 1)
+        body = bytearray()
+        while len(body) <= MAX_OFFER_BYTES:  # read() with a size returns what has come so far
+            chunk = await request.content.read(MAX_OFFER_BYTES + 1 - len(body))
+            if not chunk:
+                break
+            body += chunk
     except (aiohttp.ClientPayloadError, RequestPayloadError) as exc:  # does not decode (bad gzip, cut chunks)
         raise _BadRequest("invalid_body", f"The request body could not be read: {exc}") from None
     if len(body) > MAX_OFFER_BYTES:
         raise _TooLarge
-    return body
+    return bytes(body)
+
+
+def _body_timeout() -> web.Response:
+    return error_response(408, "request_timeout", f"The request body did not arrive within {BODY_TIMEOUT_S:g} s.",
+                          headers={"Connection": "close"})
 
 
 def parse_json(data: bytes) -> Any:
@@ -192,19 +228,38 @@ def _unauthorized(message: str) -> web.Response:
     return error_response(401, "invalid_api_key", message, headers={"WWW-Authenticate": "Bearer"})
 
 
+def _shutting_down() -> web.Response:
+    return error_response(503, "server_shutting_down", "The server is shutting down; try again shortly.",
+                          headers={"Retry-After": "5"})
+
+
 async def create_call(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
+    if registry.draining:
+        return _shutting_down()
     keys = request.app[KEYS]
     key_session = None
+    operator = False  # the operator's own token: exempt from the per-address limits
     if keys.required:
         presented = bearer(request)
         ephemeral = keys.ephemeral(presented)
-        if ephemeral is None and not keys.is_token(presented):
+        operator = ephemeral is None and keys.is_token(presented)
+        if ephemeral is None and not operator:
             return _unauthorized("This server needs 'Authorization: Bearer <key>' with a valid, unexpired key "
                                  "(mint one with POST /v1/realtime/client_secrets).")
         key_session = ephemeral.session if ephemeral else None
+    address = None if operator else (request.remote or "unknown")
+    if address is not None:
+        limited = registry.limits.check(address)
+        if limited is not None:
+            reason, retry = limited
+            return error_response(429, "rate_limited", f"Too many offers: {reason}; try again in {retry} s.",
+                                  headers={"Retry-After": str(retry)})
     try:
-        sdp, page_session, as_json = await _parse_offer(request)
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            sdp, page_session, as_json = await _parse_offer(request)
+    except TimeoutError:
+        return _body_timeout()
     except _TooLarge:
         return error_response(413, "body_too_large", f"Request body exceeds {MAX_OFFER_BYTES} bytes.")
     except _UnsupportedType as exc:
@@ -223,7 +278,7 @@ async def create_call(request: web.Request) -> web.Response:
         return error_response(503, "server_overloaded",
                               f"The server is too loaded to take another call ({overload}); try again shortly.",
                               headers={"Retry-After": "2"})
-    call = registry.create()
+    call = registry.create(address)
     if call is None:
         return error_response(503, "too_many_calls",
                               f"The server is at its limit of {registry.settings.max_calls} concurrent calls; try again later.",
@@ -246,12 +301,16 @@ async def create_call(request: web.Request) -> web.Response:
         call.end(f"set-up failed: {reply.status}", tell_page=False)
         await call.wait_closed()
         return reply
+    if registry.draining or call.reason is not None:  # SIGTERM while the offer was being answered
+        call.end("server shutting down", tell_page=False)
+        await call.wait_closed()
+        return _shutting_down()
     for session in (key_session, page_session):
         if not session:
             continue
         verdict = registry.policy.check(events.dumps(events.session_update(session)))
         if verdict.forward:
-            call.upstream.send(verdict.forward)
+            call.send_setup(verdict.forward)
         for err in verdict.errors:
             call.to_page(err)
     call.start()
@@ -275,7 +334,10 @@ async def client_secret(request: web.Request) -> web.Response:
         if request.content_type != "application/json":
             return error_response(415, "unsupported_media_type", "Send application/json.")
         try:
-            body = parse_json(await read_body(request) or b"{}")
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                body = parse_json(await read_body(request) or b"{}")
+        except TimeoutError:
+            return _body_timeout()
         except (ValueError, _TooLarge, _BadRequest):
             return error_response(400, "invalid_json", "Request body is not valid JSON (or is too large).")
     if not isinstance(body, dict):
@@ -301,6 +363,8 @@ async def client_secret(request: web.Request) -> web.Response:
 async def hangup(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     call_id = request.match_info["call_id"]
+    if not CALL_ID.fullmatch(call_id):
+        return error_response(404, "call_not_found", "No active call with that id.", param="call_id")
     call = registry.calls.get(call_id)
     owner = registry.workers.owner(call_id)
     if call is None and owner is not None and owner != registry.workers.index:
@@ -327,8 +391,8 @@ async def _siblings(request: web.Request, path: str) -> list[dict]:
     workers = request.app[REGISTRY].workers
     if workers.count == 1 or "local" in request.query:
         return []
-    query = "&".join(f"{k}={v}" for k, v in request.query.items())
-    urls = [f"http://127.0.0.1:{port}{path}?local=1{'&' + query if query else ''}"
+    query = urlencode([("local", "1"), *((k, v) for k, v in request.query.items() if k == "since")])
+    urls = [f"http://127.0.0.1:{port}{path}?{query}"
             for i, port in enumerate(workers.internal_ports) if i != workers.index]
 
     async def one(http: aiohttp.ClientSession, url: str) -> dict:
@@ -443,6 +507,8 @@ def _metrics(request: web.Request) -> dict:
         "mic_hold_ms": percentiles(x for c in calls if c.receive_buffer for x in c.receive_buffer.stats.hold_ms),
         "downlink": _sum_counters(c.audio_counters()["downlink"] for c in calls),
         "process": process_stats(),
+        "http_connections": request.app[GUARD].stats() if GUARD in request.app else None,
+        "offers_refused": {"rate": registry.limits.refused_rate, "pending": registry.limits.refused_pending},
     }
 
 

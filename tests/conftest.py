@@ -16,7 +16,7 @@ from harness.caller import Caller
 from harness.stub import RealtimeStub
 from signaling.app import build_app
 from signaling.admission import NEVER
-from signaling.routes import ADMISSION, REGISTRY, CallRegistry
+from signaling.routes import ADMISSION, GUARD, REGISTRY, CallRegistry
 
 for noisy in ("aioice", "aiortc"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -59,6 +59,7 @@ async def start_bridge() -> AsyncIterator[Callable[..., "asyncio.Future[Bridge]"
         app[ADMISSION].thresholds = NEVER
         runner = web.AppRunner(app)
         await runner.setup()
+        app[GUARD].attach(runner.server)
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         runners.append(runner)
         port = runner.addresses[0][1]
