@@ -79,6 +79,7 @@ class Settings:
     max_call_seconds: float = 3600.0
     connect_timeout: float = 15.0
     media_timeout: float = 10.0
+    admission: bool = True
     max_connections: int = 1000
     offers_per_minute: int = 60
     pending_offers_per_address: int = 10
@@ -288,6 +289,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_call_seconds", ("MAX_CALL_SECONDS",), _positive_float, "a call is ended after this long"),
     Option("connect_timeout", ("CONNECT_TIMEOUT",), _positive_float, "seconds for ICE+DTLS to connect before the call is dropped"),
     Option("media_timeout", ("MEDIA_TIMEOUT",), _positive_float, "seconds without audio from the caller before the call is ended"),
+    Option("admission", ("ADMISSION",), _bool, "refuse new calls (503 + Retry-After, /readyz not ready) while this process's event-loop lag, outbound frame lateness or CPU says admitted calls would suffer, not only at MAX_CALLS"),
     Option("max_connections", ("MAX_CONNECTIONS",), _positive_int, "open HTTP connections per process; past it the one idle the longest is closed (kept below the file-descriptor limit)"),
     Option("offers_per_minute", ("OFFERS_PER_MINUTE",), _non_negative_int, "offers one client address may make per minute (a burst of that many, then one every 60/N s; 0: no limit; requests with BRIDGE_AUTH_TOKEN are exempt)"),
     Option("pending_offers_per_address", ("PENDING_OFFERS_PER_ADDRESS",), _non_negative_int, "calls one client address may have not yet connected (ICE/DTLS) at once (0: no limit; BRIDGE_AUTH_TOKEN exempt)"),

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import RESULTS, ProcStats  # noqa: E402
+from bench.common import ONE_ADDRESS, RESULTS, ProcStats  # noqa: E402
 from bench.upstream import InstantUpstream  # noqa: E402
 from harness.browser import answer_audio_lines, audio_stats, launch, start_call  # noqa: E402
 from harness.netns import LossyLink  # noqa: E402
@@ -290,7 +290,7 @@ async def browser_loss(quick: bool, server_cls, log, paths=("libopus", "aiortc")
         clean = {"wer_clean_source": (await score_clean(source, spans, transcriber))}
         with LossyLink(name="rtbenchbr", subnet="10.206.0") as link:
             for path in paths:
-                srv = server_cls(["server.py", "--host", link.host_ip, "--realtime-url", up.url, "--audio-path", path,
+                srv = server_cls(["server.py", *ONE_ADDRESS, "--host", link.host_ip, "--realtime-url", up.url, "--audio-path", path,
                                   "--log-level", "INFO", "--media-timeout", "60", "--env-file", "/nonexistent",
                                   *extra_args],
                                  f"browser_{path}", host=link.host_ip)
@@ -333,7 +333,7 @@ async def cpu_section(link: LossyLink, mic: Path, server_cls, up: InstantUpstrea
 
     n, seconds, repeats = 3, 8.0 if quick else 15.0, 1 if quick else 3
     ours, base = [], []
-    srv = server_cls(["server.py", "--host", link.host_ip, "--realtime-url", up.url, "--log-level", "WARNING",
+    srv = server_cls(["server.py", *ONE_ADDRESS, "--host", link.host_ip, "--realtime-url", up.url, "--log-level", "WARNING",
                       "--media-timeout", "60", "--env-file", "/nonexistent"], "browser_cpu_bridge", host=link.host_ip)
     echo = server_cls(["bench/baseline_echo.py", "--host", link.host_ip], "browser_cpu_echo", host=link.host_ip)
     try:

@@ -105,6 +105,11 @@ class ProcStats:
         return int(self._sum(lambda pid: len(os.listdir(f"/proc/{pid}/fd"))))
 
 
+#: Every benchmark client comes from one address: the per-address offer limits, made for
+#: clients on the internet, are off for the server under test.
+ONE_ADDRESS = ["--offers-per-minute", "0", "--pending-offers-per-address", "0"]
+
+
 def start_process(args: list[str], env: Optional[dict] = None, log: Optional[Path] = None) -> subprocess.Popen:
     full_env = {k: v for k, v in os.environ.items()
                 if k not in ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "REALTIME_API_KEY", "REALTIME_URL")}

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from websockets.asyncio.client import connect  # noqa: E402
 
-from bench.common import ProcStats, free_port, pcts, start_process, wait_http, write_result  # noqa: E402
+from bench.common import ONE_ADDRESS, ProcStats, free_port, pcts, start_process, wait_http, write_result  # noqa: E402
 from harness.caller import Caller  # noqa: E402
 from harness.speech import read_pcm, speech_wav, word_error_rate  # noqa: E402
 from realtime import events  # noqa: E402
@@ -94,7 +94,7 @@ def wer(pairs: list[tuple[str, str]]) -> float:
 
 async def bridge_wer(engine: str, speech: dict[str, list]) -> dict:
     port = free_port()
-    proc = start_process(["server.py", "--port", str(port), "--env-file", "/nonexistent", "--log-level", "WARNING"],
+    proc = start_process(["server.py", *ONE_ADDRESS, "--port", str(port), "--env-file", "/nonexistent", "--log-level", "WARNING"],
                          env={"LOCAL_STT_MODEL": ENGINES[engine]})
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", 60)

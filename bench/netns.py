@@ -25,7 +25,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 from websockets.asyncio.client import connect
 
-from bench.common import ROOT, free_port, pcts
+from bench.common import ONE_ADDRESS, ROOT, free_port, pcts
 from bench.markers import pair
 from bench.upstream import InstantUpstream
 from realtime import events
@@ -157,7 +157,7 @@ async def relay_vs_rtp(levels=(0, 2, 5, 10), seconds: float = 30) -> dict:
     up = await InstantUpstream("quiet").start()
     relay = PcmRelay(up.url)
     await relay.start()
-    bridge = Server(["server.py", "--host", HOST_IP, "--realtime-url", up.url, "--log-level", "WARNING",
+    bridge = Server(["server.py", *ONE_ADDRESS, "--host", HOST_IP, "--realtime-url", up.url, "--log-level", "WARNING",
                      "--env-file", "/nonexistent", "--media-timeout", "60"], "bridge_netns", host=HOST_IP)
     rows = []
     try:

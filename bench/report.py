@@ -3,6 +3,7 @@ Every number comes from the result file; nothing is typed in by hand."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import RESULTS as RESULTS_DIR, ROOT  # noqa: E402
 
 PLOTS = ROOT / "bench" / "plots"
@@ -237,6 +239,7 @@ def write_report(r: dict) -> Path:
         for row in rel["rows"]:
             lines.append(f"| {row['loss_pct']:.0f} | {row['path']} | {_p(row['latency_ms'])} | {row['stalls_per_min']} | {row['lost']} |")
     lines += ["", *_browser_section(r.get("browser_loss") or {"skipped": "not part of this run"})]
+    lines += ["", *admission_section()]
     path = ROOT / "BENCHMARKS.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -358,6 +361,68 @@ def browser_headline(b: dict) -> list[str]:
     return rows
 
 
+def _admission() -> dict | None:
+    import json
+
+    path = RESULTS_DIR / "admission.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def admission_section() -> list[str]:
+    """Section 8, from bench/admission.py's own result file (a separate run)."""
+    lines = ["## 8. Load-aware admission at twice its threshold, and silent connections", ""]
+    a = _admission()
+    if a is None:
+        return lines + ["Not measured yet: run `python bench/admission.py`."]
+    lines += [f"From `{a['command']}` on {a['date']}. One analysed probe call, then cheap full-duplex calls offered one a "
+              "second until the first 503; then clients keep offering until twice that many are asked for (refused ones "
+              f"retry every 0.5 s), and the probe is measured over {a['seconds_per_phase']:g} s. The baseline is the same "
+              "offered load against `--admission false` (MAX_CALLS at the doubled load). Marker latency, p50/p95/p99/max "
+              "ms; clients share the server's 2 cores.", "",
+              "| server | threshold | offered / admitted | uplink unloaded → at 2× | downlink unloaded → at 2× | "
+              "ratio to unloaded, p50 up / down | frames late p95 | loop lag p95, server / clients | server CPU |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for key, label in (("admission", "admission on (default)"), ("no_admission", "admission off")):
+        x = a[key]
+        u, l, ratio = x["unloaded"], x["loaded_2x"], x["ratio_to_unloaded"]
+        lines.append(f"| {label} | {x['threshold_calls']} calls | {l['offered_calls']} / {l['admitted_calls']} | "
+                     f"{_p(u['uplink_ms'])} → {_p(l['uplink_ms'])} | {_p(u['downlink_ms'])} → {_p(l['downlink_ms'])} | "
+                     f"{ratio['uplink_ms_p50']}× / {ratio['downlink_ms_p50']}× | {l['lateness_ms']['p95']} ms | "
+                     f"{l['loop_lag_ms']['p95']} / {(l.get('client_loop_lag_ms') or {}).get('p95')} ms | "
+                     f"{l['cpu_cores']} cores |")
+    refusal = a["admission"].get("refusal") or {}
+    if refusal.get("reason"):
+        lines += ["", f"The first refusal: `{refusal['reason'][:260]}`"]
+    idle = a.get("idle_connections")
+    if idle:
+        lines += ["", f"Silent connections: {idle['connections_opened']} TCP connections that never send a byte, against "
+                  f"`--max-connections {idle['server_cap']}`: the server held {idle['server_open_connections']} "
+                  f"(evicted {idle['evicted']} idle ones to make room), its fds went {idle['server_fds_before']} → "
+                  f"{idle['server_fds_during']}, `/healthz` answered in {_p(idle['healthz_ms'])} ms meanwhile, a call "
+                  f"{'connected' if idle['call_connected'] else 'was refused'}, and the log grew by {idle['log_bytes']} bytes."]
+    return lines
+
+
+def admission_headline() -> list[str]:
+    a = _admission()
+    if a is None:
+        return []
+    on, off = a["admission"], a["no_admission"]
+    idle = a.get("idle_connections") or {}
+    rows = [f"Load-aware admission (`bench/admission.py`, BENCHMARKS.md §8, {a['date']}): one process starts refusing at "
+            f"**{on['threshold_calls']} calls** offered; at twice that offered, the admitted calls' latency against unloaded:", "",
+            "| | uplink p50 / p95 | downlink p50 / p95 |", "|---|---|---|"]
+    for x, label in ((on, "unloaded"), (on, f"admission on, {on['loaded_2x']['admitted_calls']} admitted"),
+                     (off, f"admission off, {off['loaded_2x']['admitted_calls']} admitted")):
+        d = x["unloaded"] if label == "unloaded" else x["loaded_2x"]
+        rows.append(f"| {label} | {d['uplink_ms']['p50']} / {d['uplink_ms']['p95']} ms | "
+                    f"{d['downlink_ms']['p50']} / {d['downlink_ms']['p95']} ms |")
+    if idle:
+        rows += ["", f"{idle['connections_opened']} silent TCP connections: the server held {idle['server_open_connections']} "
+                 f"(its cap), `/healthz` p50 {idle['healthz_ms']['p50']} ms, and a call still connected."]
+    return rows
+
+
 def update_readme(r: dict) -> None:
     """Rewrite the figures block of README.md from this run (and the local-backend run, if any)."""
     import json
@@ -388,6 +453,9 @@ def update_readme(r: dict) -> None:
     browser = r.get("browser_loss") or {}
     if browser.get("runs"):
         rows += ["", *browser_headline(browser)]
+    admission = admission_headline()
+    if admission:
+        rows += ["", *admission]
     readme = ROOT / "README.md"
     text = readme.read_text()
     start, end = "<!-- figures:start -->", "<!-- figures:end -->"
@@ -395,3 +463,13 @@ def update_readme(r: dict) -> None:
         head, rest = text.split(start, 1)
         _, tail = rest.split(end, 1)
         readme.write_text(head + start + "\n" + "\n".join(rows) + "\n" + end + tail)
+
+
+if __name__ == "__main__":
+    # Re-render BENCHMARKS.md and README's figures from the stored full run (after a section
+    # run on its own, e.g. bench/admission.py), without re-measuring.
+    import json
+
+    run = json.loads((RESULTS_DIR / "run_full.json").read_text())
+    print(write_report(run))
+    update_readme(run)

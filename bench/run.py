@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp  # noqa: E402
 
-from bench.common import ProcStats, free_port, pcts, start_process, wait_http, write_result, RESULTS  # noqa: E402
+from bench.common import ONE_ADDRESS, ProcStats, free_port, pcts, start_process, wait_http, write_result, RESULTS  # noqa: E402
 from bench.impair import Impairment  # noqa: E402
 from bench.markers import MarkerSource, OnsetDetector, PreEncodedSource, pair  # noqa: E402
 from bench.upstream import InstantUpstream, UpSession  # noqa: E402
@@ -314,7 +314,7 @@ async def run(quick: bool) -> dict:
     started = time.monotonic()
     up = await InstantUpstream().start()
     results: dict = {"quick": quick}
-    srv = Server(["server.py", "--realtime-url", up.url, "--max-calls", "500", "--log-level", "WARNING",
+    srv = Server(["server.py", *ONE_ADDRESS, "--realtime-url", up.url, "--max-calls", "500", "--log-level", "WARNING",
                   "--media-timeout", "60", "--env-file", "/nonexistent"], "bridge")
     try:
         warm = ProbeCall(srv.url, up)
@@ -354,7 +354,7 @@ async def run(quick: bool) -> dict:
 
         if not quick:
             log("2b. capacity with --workers 2 (one process per core)")
-            two = Server(["server.py", "--workers", "2", "--realtime-url", up.url, "--max-calls", "500",
+            two = Server(["server.py", *ONE_ADDRESS, "--workers", "2", "--realtime-url", up.url, "--max-calls", "500",
                           "--log-level", "WARNING", "--media-timeout", "60", "--env-file", "/nonexistent"], "bridge_2w")
             try:
                 results["capacity_2_workers"] = await capacity(two, up, steps, 10, 2.0)
@@ -375,7 +375,7 @@ async def run(quick: bool) -> dict:
     try:
         if not quick:
             log("4b. lossy networks, same bridge with aiortc's own jitter buffer (--audio-path aiortc)")
-            old = Server(["server.py", "--realtime-url", up.url, "--log-level", "WARNING", "--audio-path", "aiortc",
+            old = Server(["server.py", *ONE_ADDRESS, "--realtime-url", up.url, "--log-level", "WARNING", "--audio-path", "aiortc",
                           "--media-timeout", "60", "--env-file", "/nonexistent"], "bridge_aiortc_jb")
             try:
                 results["loss_aiortc_buffer"] = await lossy(old, up, levels, 30)

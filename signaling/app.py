@@ -12,7 +12,7 @@ from . import metrics
 from .errors import error_middleware
 from .auth import KeyRing
 from .guard import ConnectionGuard, connection_cap, raise_fd_limit
-from .admission import WINDOW_S, Admission
+from .admission import NEVER, WINDOW_S, Admission, Thresholds
 from .routes import ADMISSION, GUARD, KEYS, REGISTRY, SETTINGS, CallRegistry, Workers, add_routes, recent_lateness_p95
 
 
@@ -32,7 +32,8 @@ def build_app(settings: Settings, upstream_url: str, workers: Workers = Workers(
     registry = app[REGISTRY]
     app[ADMISSION] = Admission(
         lambda: app[metrics.LOOP_LAG].summary(WINDOW_S)["p95"] if metrics.LOOP_LAG in app else 0.0,
-        lambda: recent_lateness_p95(registry))
+        lambda: recent_lateness_p95(registry), Thresholds() if settings.admission else NEVER,
+        active_calls=lambda: len(registry.calls))
 
     async def drain_calls(app: web.Application) -> None:
         await app[REGISTRY].close_all("server shutting down")

@@ -279,6 +279,8 @@ async def create_call(request: web.Request) -> web.Response:
                               f"The server is too loaded to take another call ({overload}); try again shortly.",
                               headers={"Retry-After": "2"})
     call = registry.create(address)
+    if call is not None and ADMISSION in request.app:
+        request.app[ADMISSION].admitted()
     if call is None:
         return error_response(503, "too_many_calls",
                               f"The server is at its limit of {registry.settings.max_calls} concurrent calls; try again later.",

@@ -287,3 +287,34 @@ def test_admission_reads_lateness_and_cpu_too():
     assert "late by 45 ms" in Admission(lambda: 1.0, lambda: 45.0).overload()
     assert "CPU at 0.97" in Admission(lambda: 1.0, lambda: 1.0, cpu=Busy()).overload()
     assert Admission(lambda: 1.0, lambda: 1.0).overload() is None
+
+
+def test_admission_counts_calls_admitted_too_recently_to_show_in_the_cpu():
+    from signaling.admission import Admission, ProcessCpu
+
+    class Steady(ProcessCpu):
+        def cores(self) -> float:
+            return 0.7  # the last seconds' CPU, before the newest calls' cost shows
+
+    active = {"n": 30}
+    admission = Admission(lambda: 1.0, lambda: 1.0, cpu=Steady(), active_calls=lambda: active["n"])
+    assert admission.overload() is None  # 0.7 cores for 30 calls, none of them new
+    for _ in range(6):  # six calls in the last seconds: 0.7 measured is 24 calls' worth
+        admission.admitted()
+    active["n"] = 30
+    assert abs(admission.projected_cores() - 0.875) < 1e-6
+    assert "counting the calls just admitted" in admission.overload()
+
+
+def test_a_refusing_process_takes_calls_again_only_well_below_the_limit():
+    from signaling.admission import RESUME, Admission
+
+    lag = {"p95": 30.0}
+    admission = Admission(lambda: lag["p95"], lambda: 0.0)
+    assert "event-loop lag" in admission.overload()  # over the 25 ms limit
+    lag["p95"] = 24.0  # under the limit, but not by much: still refusing
+    assert admission.overload() is not None
+    lag["p95"] = 25.0 * RESUME - 0.5
+    assert admission.overload() is None
+    lag["p95"] = 24.0  # taking calls again: the full limit applies
+    assert admission.overload() is None
