@@ -38,6 +38,7 @@ from .events import Client, ErrorCode, Event, Server
 from .pagefit import fit_for_page
 from .policy import ClientEventPolicy
 from . import sctpcap
+from .conversation import Action, Conversation, Cut, EndOfAudio, FlushPlayback, Forget, Play, ToPage, ToUpstream
 from .redaction import redact
 from .upstream import UpstreamError, UpstreamSession
 
@@ -95,16 +96,11 @@ class Call:
         self.reason: Optional[str] = None
         self.created_at = time.monotonic()
         self.connected_at: Optional[float] = None
-        # response bookkeeping
-        self._item_response: dict[str, Optional[str]] = {}
-        self._cut_responses: set[str] = set()
-        self._cut_items: set[str] = set()
-        self._started_responses: set[str] = set()
-        self.active_response: Optional[str] = None
-        self.interrupt_response = True
+        # the conversation's rules (socket-free); this object carries out what it decides
+        self.conversation = Conversation()
         self._session_created = asyncio.Event()
         self._connect_tasks: set[asyncio.Task] = set()  # aiortc's ICE/DTLS start-up tasks
-        self.malformed_upstream_events = 0  # valid JSON, but not the shape its type promises
+        self._malformed_shapes = 0  # valid JSON, but not the shape its type promises
         self.oversized_page_events = 0
         self._setup_events: list[Event] = []  # session.updates of the call's creation, for a new upstream
         self.upstream_parked = False
@@ -275,6 +271,11 @@ class Call:
             self.closed.set()
             if self._on_closed:
                 self._on_closed(self)
+
+    @property
+    def malformed_upstream_events(self) -> int:
+        """Upstream events dropped for their shape (or audio that is not base64)."""
+        return self._malformed_shapes + self.conversation.malformed_audio
 
     def audio_counters(self) -> dict[str, dict]:
         """Per-call audio counters for metrics: what came in, what was rebuilt, what went out."""
@@ -468,14 +469,25 @@ class Call:
         verdict = self.policy.check(message)  # answers every message: an event to act on, or errors
         for err in verdict.errors:
             self.to_page(err)
-        event = verdict.forward
-        if event is None:
-            return
-        if event["type"] == Client.OUTPUT_AUDIO_CLEAR:
-            # As OpenAI's WebRTC endpoint: the bridge owns playback, so it clears it.
-            self.barge_in()
-            return
-        self.upstream.send(event)
+        if verdict.forward is not None:
+            self.execute(self.conversation.from_page(verdict.forward))
+
+    def execute(self, actions: list[Action]) -> None:
+        """Carry out what the conversation core decided, in order."""
+        for action in actions:
+            if isinstance(action, ToUpstream):
+                self.upstream.send(action.event)
+            elif isinstance(action, ToPage):
+                self.to_page(action.event)
+            elif isinstance(action, Play):
+                self.playback.enqueue(action.item_id, action.pcm)
+            elif isinstance(action, EndOfAudio):
+                self.playback.end_of_audio()
+            elif isinstance(action, FlushPlayback):
+                cut = [Cut(p.item_id, p.audio_end_ms) for p in self.playback.flush()]
+                self.execute(self.conversation.flushed(cut))
+            elif isinstance(action, Forget):
+                self.playback.forget(action.item_id)
 
     def _on_oversized_page_message(self, size: int) -> None:
         self.to_page(events.error(
@@ -526,84 +538,22 @@ class Call:
         if problem is not None:
             # Valid JSON, wrong shape (`response` a string, a delta not base64, ...): dropped and
             # counted, never passed on, never fatal.
-            self.malformed_upstream_events += 1
+            self._malformed_shapes += 1
             if self.malformed_upstream_events in (1, 10, 100, 1000):
                 logger.warning("call %s: upstream %s event dropped: %s (%d malformed so far)", self.id, kind,
                                problem, self.malformed_upstream_events)
             return
-        if kind == Server.OUTPUT_AUDIO_DELTA:
-            self._on_audio_delta(event)
-            return  # audio travels on RTP, never on the channel
-        if kind == Server.RESPONSE_CREATED:
-            self.active_response = (event.get("response") or {}).get("id")
-        elif kind == Server.RESPONSE_DONE:
-            rid = (event.get("response") or {}).get("id")
-            if rid == self.active_response:
-                self.active_response = None
-            self.playback.end_of_audio()
-        elif kind == Server.SPEECH_STARTED:
-            if self.interrupt_response:
-                self.barge_in()
-        elif kind in (Server.SESSION_CREATED, Server.SESSION_UPDATED):
-            self._note_session(event.get("session") or {})
-        elif kind == Server.ERROR:
+        if kind == Server.ERROR:
             err = event.get("error") or {}
             logger.warning("call %s: upstream error %s: %s", self.id, err.get("code"), redact(str(err.get("message"))))
-        self.to_page(event)
-
-    def _note_session(self, session: dict[str, Any]) -> None:
-        audio = session.get("audio")
-        audio_in = audio.get("input") if isinstance(audio, dict) else None
-        if isinstance(audio_in, dict):
-            turn = audio_in.get("turn_detection", session.get("turn_detection"))
-        else:
-            turn = session.get("turn_detection")
-            if audio is not None and not isinstance(audio_in, dict):
-                return  # a shape we cannot read: keep what we knew
-        if isinstance(turn, dict):
-            self.interrupt_response = turn.get("interrupt_response", True) is not False
-        elif turn is None and "audio" in session:
-            self.interrupt_response = False  # client-committed turns: the page decides
-
-    def _on_audio_delta(self, event: Event) -> None:
-        item_id = event.get("item_id") or "unknown"
-        rid = event.get("response_id")
-        if item_id in self._cut_items or (rid is not None and rid in self._cut_responses):
-            return  # the user interrupted this response: its late audio is stale
-        try:
-            pcm = events.decode_audio_delta(event)
-        except ValueError:  # binascii.Error is a ValueError
-            self.malformed_upstream_events += 1
-            return
-        self._item_response[item_id] = rid
-        self.playback.enqueue(item_id, pcm)
+        self.execute(self.conversation.from_upstream(event))
 
     def barge_in(self) -> None:
         """Stop playback now and tell the upstream exactly how much of each item was played."""
-        cut = self.playback.flush()
-        if self.active_response:
-            self._cut_responses.add(self.active_response)
-        response_ids = []
-        for playout in cut:
-            self._cut_items.add(playout.item_id)
-            self.upstream.send(events.truncate(playout.item_id, playout.audio_end_ms))
-            rid = self._item_response.get(playout.item_id)
-            if rid not in response_ids:
-                response_ids.append(rid)
-            self.playback.forget(playout.item_id)
-        for rid in response_ids:
-            self.to_page(events.output_audio_buffer(Server.OUTPUT_AUDIO_CLEARED, rid))
+        self.execute(self.conversation.barge_in())
 
     def _on_playback_started(self, item_id: str) -> None:
-        rid = self._item_response.get(item_id)
-        key = rid or item_id
-        if key not in self._started_responses:
-            self._started_responses.add(key)
-            self.to_page(events.output_audio_buffer(Server.OUTPUT_AUDIO_STARTED, rid))
+        self.execute(self.conversation.playback_started(item_id))
 
     def _on_playback_stopped(self, item_id: str) -> None:
-        rid = self._item_response.get(item_id)
-        self.to_page(events.output_audio_buffer(Server.OUTPUT_AUDIO_STOPPED, rid))
-        for item, r in list(self._item_response.items()):
-            if r == rid:
-                self.playback.forget(item)
+        self.execute(self.conversation.playback_stopped(item_id))
