@@ -79,6 +79,7 @@ class Settings:
     max_call_seconds: float = 3600.0
     connect_timeout: float = 15.0
     media_timeout: float = 10.0
+    reconnect_grace: float = 20.0
     admission: bool = True
     max_connections: int = 1000
     offers_per_minute: int = 60
@@ -197,6 +198,13 @@ def _positive_float(v: str) -> float:
     return n
 
 
+def _non_negative_float(v: str) -> float:
+    n = float(v)
+    if not n >= 0:
+        raise ValueError("must be zero or more")
+    return n
+
+
 def _unit_float(v: str) -> float:
     n = float(v)
     if not 0.0 <= n <= 1.0:
@@ -293,6 +301,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_connections", ("MAX_CONNECTIONS",), _positive_int, "open HTTP connections per process; past it the one idle the longest is closed (kept below the file-descriptor limit)"),
     Option("offers_per_minute", ("OFFERS_PER_MINUTE",), _non_negative_int, "offers one client address may make per minute (a burst of that many, then one every 60/N s; 0: no limit; requests with BRIDGE_AUTH_TOKEN are exempt)"),
     Option("pending_offers_per_address", ("PENDING_OFFERS_PER_ADDRESS",), _non_negative_int, "calls one client address may have not yet connected (ICE/DTLS) at once (0: no limit; BRIDGE_AUTH_TOKEN exempt)"),
+    Option("reconnect_grace", ("RECONNECT_GRACE",), _non_negative_float, "seconds a call whose caller's network went away (no audio for 2 s, or ICE failed) is held for the caller to re-attach with POST /v1/realtime/calls/{id}/reconnect (0: no holding; the call ends after MEDIA_TIMEOUT)"),
     Option("audio_path", ("AUDIO_PATH",), _choice("libopus", "aiortc"), "Opus both ways: 'libopus' is the bridge's own (answer asks for in-band FEC and RED; lost packets rebuilt from RED, then FEC, then concealment; 24 kHz mono encoder with FEC sized from the browser's loss reports); 'aiortc' is aiortc's stock path (its jitter buffer, PyAV decode + resample, 96 kb/s CELT encoder, no FEC, lost audio becomes silence)"),
     Option("reorder_wait_ms", ("REORDER_WAIT_MS",), _non_negative_int, "longest wait for a missing packet before it is given up and rebuilt, ms (rounded down to 20 ms packets; no wait when the next packet carries the lost audio)"),
     Option("red", ("AUDIO_RED",), _bool, "negotiate redundant audio (RED, RFC 2198) with browsers that offer it: each packet also carries the previous frame (about twice the audio bitrate), so a lost packet is rebuilt exactly"),

@@ -100,6 +100,7 @@ class Caller:
         self.audio = bytearray()  # decoded model audio, 48 kHz mono s16
         self.audio_frames: list[tuple[float, int]] = []  # (arrival monotonic, total bytes after)
         self.call_id: Optional[str] = None
+        self.reconnect_secret: Optional[str] = None
         self.channel = None
         self.channel_open = asyncio.Event()
         self._reader: Optional[asyncio.Task] = None
@@ -118,9 +119,10 @@ class Caller:
             async with http.post(self.base_url + path, data=self.pc.localDescription.sdp,
                                  headers={"Content-Type": "application/sdp", **(headers or {})}) as resp:
                 body = await resp.text()
-                if resp.status != 201:
+                if resp.status not in (200, 201):  # 200: a re-attach
                     raise RuntimeError(f"offer refused: {resp.status} {body}")
                 self.call_id = resp.headers["Location"].rsplit("/", 1)[-1]
+                self.reconnect_secret = resp.headers.get("X-Reconnect-Secret")
         if answer_delay:
             await asyncio.sleep(answer_delay)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
@@ -172,6 +174,24 @@ class Caller:
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{self.base_url}/v1/realtime/calls/{self.call_id}/hangup") as resp:
                 return resp.status
+
+    async def reattach(self, call_id: str, secret: str) -> None:
+        """Offer again for a live call, as a page does after a network change."""
+        await self.connect(f"/v1/realtime/calls/{call_id}/reconnect", headers={"Authorization": f"Bearer {secret}"})
+
+    def drop_network(self) -> None:
+        """The caller's network goes away: its ICE sockets close without a word to the server
+        (no DTLS close, no RTCP BYE), as when a phone leaves Wi-Fi."""
+        for transceiver in self.pc.getTransceivers():
+            ice = transceiver.sender.transport.transport
+            for protocol in getattr(ice._connection, "_protocols", []):  # aioice 0.13
+                if protocol.transport is not None:
+                    protocol.transport.close()
+        if self.pc.sctp is not None:
+            ice = self.pc.sctp.transport.transport
+            for protocol in getattr(ice._connection, "_protocols", []):
+                if protocol.transport is not None:
+                    protocol.transport.close()
 
     async def close(self) -> None:
         if self._reader:

@@ -173,7 +173,10 @@ class PlaybackTrack(MediaStreamTrack):
 
         pts is untouched: the next frame continues the timeline with silence.
         """
-        cut_ids = dict.fromkeys(seg[0] for seg in self._segments)
+        # the item playing is cut too when nothing of it is buffered (its audio arriving in real
+        # time): whatever comes for it later is not to be heard
+        cut_ids = dict.fromkeys([*([self._playing] if self._playing in self._items else []),
+                                 *(seg[0] for seg in self._segments)])
         self._segments.clear()
         self._buffered = 0
         self._playing = None

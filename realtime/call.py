@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from typing import Any, Callable, Coroutine, Optional
 
@@ -55,6 +56,8 @@ DEFAULT_PAGE_MESSAGE_LIMIT = 65536
 #: back (a new one opens if the peer connects later, before CONNECT_TIMEOUT): offers that never
 #: connect must not hold the model service's sessions.
 UPSTREAM_HOLD_S = 5.0
+#: No packet from the caller this long: its network went away, the call is held (RECONNECT_GRACE).
+HOLD_AFTER_S = 2.0
 
 
 class CallEnded(Exception):
@@ -76,20 +79,16 @@ class Call:
         self.upstream = upstream
         self.policy = policy
         self._on_closed = on_closed
-        ice = [RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in settings.ice_servers]
-        # An explicit (possibly empty) list: None would mean Google's STUN server.
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
-        self.playback = PlaybackTrack()
-        self.playback.on_started = self._on_playback_started
-        self.playback.on_stopped = self._on_playback_stopped
-        self.mic: Optional[MicPump] = None  # aiortc's path
-        self.uplink: Optional[UplinkDecoder] = None  # our own path
-        self.packer: Optional[OpusPacker] = None
-        self.receive_buffer: Optional[jitter.ReorderBuffer] = None
-        self._remote_track = None
-        self.channel: Optional[RTCDataChannel] = None
         self._pending_page: list[str] = []
-        self._channel_ready = asyncio.Event()
+        self._peer_tasks: set[asyncio.Task] = set()  # tasks of the current peer only
+        self._closing: set[asyncio.Task] = set()  # replaced peers being closed (awaited at teardown)
+        self._new_peer()
+        #: Authorises `POST /v1/realtime/calls/{id}/reconnect`; a new one after each re-attach.
+        self.secret = secrets.token_urlsafe(24)
+        self.held_since: Optional[float] = None  # the peer went away: waiting for a re-attach
+        self._held_channel: Optional[RTCDataChannel] = None
+        self.reattaches = 0
+        self._unheard_ms = 0  # audio played to a caller whose network had gone (cut from truncation)
         self._tasks: set[asyncio.Task] = set()
         self._teardown_task: Optional[asyncio.Task] = None
         self.closed = asyncio.Event()
@@ -109,12 +108,29 @@ class Call:
 
     # -- setup ---------------------------------------------------------------------
 
+    def _new_peer(self) -> None:
+        """The parts that belong to one peer connection (replaced when the caller re-attaches)."""
+        ice = [RTCIceServer(urls=s.urls, username=s.username, credential=s.credential)
+               for s in self.settings.ice_servers]
+        # An explicit (possibly empty) list: None would mean Google's STUN server.
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
+        self.playback = PlaybackTrack()
+        self.playback.on_started = self._on_playback_started
+        self.playback.on_stopped = self._on_playback_stopped
+        self.mic: Optional[MicPump] = None  # aiortc's path
+        self.uplink: Optional[UplinkDecoder] = None  # our own path
+        self.packer: Optional[OpusPacker] = None
+        self.receive_buffer: Optional[jitter.ReorderBuffer] = None
+        self._remote_track = None
+        self.channel: Optional[RTCDataChannel] = None
+        self._channel_ready = asyncio.Event()
+
     async def accept(self, offer_sdp: str) -> str:
         """Apply the browser's offer and return the SDP answer (all candidates included)."""
         pc = self.pc
         pc.on("track", self._on_track)
         pc.on("datachannel", self._on_datachannel)
-        pc.on("connectionstatechange", self._on_connection_state)
+        pc.on("connectionstatechange", lambda: self._on_connection_state(pc))
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         self._watch_peer_connect()  # before anything awaits: the task it started has not run yet
         if pc.sctp is not None:
@@ -175,7 +191,7 @@ class Call:
             return
         # Start reading at once: unread frames pile up in aiortc's unbounded queue.
         self.mic = MicPump(track, self._on_mic_audio, timeout_s=self.settings.media_timeout)
-        self._spawn(self._run_mic(), "mic")
+        self._spawn(self._run_mic(), "mic", peer=True)
 
     async def open_upstream(self) -> None:
         """Connect to the Realtime server and configure the session.
@@ -196,10 +212,90 @@ class Call:
         self._start_upstream_tasks()
         self._spawn(self._watch_connect(), "connect-timeout")
         self._spawn(self._watch_duration(), "max-duration")
-        if self.uplink is not None:
-            self._spawn(self._watch_uplink(), "media-timeout")
+        self._spawn(self._watch_uplink(), "media-timeout")
+        self._start_peer_tasks()
+        self.to_page(self._reconnect_event())
+
+    def _start_peer_tasks(self) -> None:
         if self.packer is not None:
-            self._spawn(self._watch_receiver_reports(), "receiver-reports")
+            self._spawn(self._watch_receiver_reports(), "receiver-reports", peer=True)
+
+    def _reconnect_event(self) -> Event:
+        """Tells the page how to come back after a network change (the secret is the page's own)."""
+        return {"type": "call.reconnect_info", "event_id": events.event_id(), "call_id": self.id,
+                "url": f"/v1/realtime/calls/{self.id}/reconnect", "secret": self.secret,
+                "grace_seconds": self.settings.reconnect_grace}
+
+    # -- holding and re-attaching ----------------------------------------------------
+
+    def hold(self, why: str) -> None:
+        """The caller's network went away: keep the call (and the upstream) for the grace
+        period. What was playing is cut at what was played, the response is cancelled (the
+        caller hears none of the rest), page events wait for the next peer."""
+        if self.held_since is not None or self.reason is not None:
+            return
+        self.held_since = time.monotonic()
+        active = self.conversation.active_response
+        last = self.uplink.last_packet_at if self.uplink is not None else None
+        if last is not None:
+            # the caller has heard nothing since its network went (about when its packets stopped)
+            self._unheard_ms = int(max(0.0, self.held_since - last) * 1000)
+        self.barge_in()
+        if active:
+            self.upstream.send({"type": Client.RESPONSE_CANCEL, "event_id": events.event_id()})
+        self._held_channel, self.channel = self.channel, None  # events queue until a peer is back
+        logger.info("call %s held (%s): waiting %g s for the caller to re-attach", self.id, why,
+                    self.settings.reconnect_grace)
+
+    def _resume(self, how: str) -> None:
+        if self.held_since is None:
+            return
+        held_for = time.monotonic() - self.held_since
+        self.held_since = None
+        if self.channel is None and self._held_channel is not None and self._held_channel.readyState == "open":
+            self.channel = self._held_channel  # the same peer came back (a short outage)
+            self._flush_pending_page()
+        self._held_channel = None
+        logger.info("call %s resumed after %.1f s held (%s)", self.id, held_for, how)
+
+    async def reattach(self, offer_sdp: str) -> str:
+        """A new peer for this call (`POST .../reconnect`): the answer to its offer. The old
+        peer is closed; the conversation, the upstream and the queued page events carry on."""
+        if self.reason is not None:
+            raise CallEnded(f"the call has ended: {self.reason}")
+        self.hold("re-attaching")
+        self.held_since = time.monotonic()  # the new peer gets the whole grace to connect
+        old_pc, old_codecs, old_channel = self.pc, (self.uplink, self.packer), self._held_channel
+        old_playback = self.playback
+        for task in list(self._peer_tasks):
+            task.cancel()
+        old_pc.remove_all_listeners()
+        if old_channel is not None:
+            old_channel.remove_all_listeners()
+        self._held_channel = None
+        self._new_peer()
+        self.secret = secrets.token_urlsafe(24)  # the one just used is stale now
+        self.reattaches += 1
+        closing = asyncio.get_running_loop().create_task(self._close_peer(old_pc, old_playback, old_codecs))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        answer = await self.accept(offer_sdp)
+        if self.reason is not None:
+            raise CallEnded(f"the call has ended: {self.reason}")
+        self._start_peer_tasks()
+        self.to_page(self._reconnect_event())
+        return answer
+
+    async def _close_peer(self, pc: RTCPeerConnection, playback: PlaybackTrack, codecs) -> None:
+        playback.on_started = playback.on_stopped = None
+        playback.stop()
+        try:
+            await asyncio.wait_for(pc.close(), 5.0)
+        except Exception as exc:  # a half-dead peer: nothing to keep of it
+            logger.info("call %s: closing the old peer: %s: %s", self.id, type(exc).__name__, exc)
+        for codec in codecs:
+            if codec is not None:
+                codec.close()
 
     # -- ending --------------------------------------------------------------------
 
@@ -238,6 +334,8 @@ class Call:
                     logger.warning("call %s: task %s still running 1 s after cancel: %s", self.id,
                                    task.get_name(), "".join(f"{f.f_code.co_filename}:{f.f_lineno} " for f in task.get_stack()))
                 await asyncio.gather(*tasks, return_exceptions=True)
+            if self._closing:
+                await asyncio.gather(*self._closing, return_exceptions=True)
             phase = self._slow("tasks", phase)
             try:
                 await asyncio.wait_for(self.upstream.close(), 2.0)
@@ -318,14 +416,17 @@ class Call:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)  # let SCTP put the last chunk on the wire
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str, *, peer: bool = False) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro, name=f"call-{self.id}-{name}")
         self._tasks.add(task)
+        if peer:
+            self._peer_tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
 
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
+        self._peer_tasks.discard(task)
         if task.cancelled():
             return
         exc = task.exception()
@@ -381,8 +482,15 @@ class Call:
                 logger.warning("call %s: could not send a held event to the page: %s", self.id, exc)
         self._channel_ready.set()
 
-    def _on_connection_state(self) -> None:
-        state = self.pc.connectionState
+    def _on_connection_state(self, pc: RTCPeerConnection) -> None:
+        if pc is not self.pc:
+            return  # a peer this call has replaced
+        state = pc.connectionState
+        if state == "connected" and self.reattaches and self.held_since is not None:
+            logger.info("call %s: re-attached peer connected", self.id)
+        elif state == "failed" and self.settings.reconnect_grace > 0 and self.connected_at is not None:
+            self.hold("peer connection failed")
+            return
         if state == "connected" and self.connected_at is None:
             self.connected_at = time.monotonic()
             logger.info("call %s connected in %.0f ms", self.id, (self.connected_at - self.created_at) * 1000)
@@ -434,14 +542,27 @@ class Call:
         logger.info("call %s: upstream session reopened after the peer connected", self.id)
 
     async def _watch_uplink(self) -> None:
-        """The media timeout for our own uplink: no packet from the caller for that long."""
-        assert self.uplink is not None
+        """No packet from the caller: with a reconnect grace, the call is held after
+        HOLD_AFTER_S and ended when the grace runs out; without one, ended after MEDIA_TIMEOUT.
+        (aiortc's path has its own timeout in MicPump.)"""
+        grace = self.settings.reconnect_grace
         while True:
-            await asyncio.sleep(min(1.0, self.settings.media_timeout / 4))
+            await asyncio.sleep(0.25)
             if self.connected_at is None:
                 continue
-            last = self.uplink.last_packet_at or self.connected_at
-            if time.monotonic() - last > self.settings.media_timeout:
+            now = time.monotonic()
+            if self.held_since is not None:
+                if now - self.held_since > grace:
+                    raise CallEnded(f"the caller did not re-attach within {grace:g} s of its network going away")
+                if self.uplink is not None and self.uplink.last_packet_at and now - self.uplink.last_packet_at < 0.5:
+                    self._resume("audio flowing again" if not self.reattaches else "re-attached")
+                continue
+            if self.uplink is None:
+                continue
+            idle = now - (self.uplink.last_packet_at or self.connected_at)
+            if grace > 0 and idle > HOLD_AFTER_S:
+                self.hold(f"no audio from the caller for {HOLD_AFTER_S:g} s")
+            elif grace <= 0 and idle > self.settings.media_timeout:
                 raise MicTimeout(f"no audio from the caller for {self.settings.media_timeout:g} s")
 
     async def _watch_receiver_reports(self) -> None:
@@ -484,7 +605,10 @@ class Call:
             elif isinstance(action, EndOfAudio):
                 self.playback.end_of_audio()
             elif isinstance(action, FlushPlayback):
-                cut = [Cut(p.item_id, p.audio_end_ms) for p in self.playback.flush()]
+                playing = self.playback.playing_item
+                cut = [Cut(p.item_id, max(0, p.audio_end_ms - (self._unheard_ms if p.item_id == playing else 0)))
+                       for p in self.playback.flush()]
+                self._unheard_ms = 0
                 self.execute(self.conversation.flushed(cut))
             elif isinstance(action, Forget):
                 self.playback.forget(action.item_id)

@@ -39,7 +39,7 @@ class Cors:
         else:
             response = await handler(request)
         response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = "Location"
+        response.headers["Access-Control-Expose-Headers"] = "Location, X-Reconnect-Secret"
         response.headers["Vary"] = "Origin"
         return response
 

@@ -11,6 +11,7 @@ GET  /                                  the page
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import re
@@ -26,7 +27,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from realtime import events
-from realtime.call import Call
+from realtime.call import Call, CallEnded
 from realtime.policy import MAX_DEPTH, ClientEventPolicy, nesting_depth
 from realtime.upstream import UpstreamBusy, UpstreamError, UpstreamSession
 from settings import Settings
@@ -317,11 +318,63 @@ async def create_call(request: web.Request) -> web.Response:
             call.to_page(err)
     call.start()
     logger.info("call %s created (%d active)", call.id, len(registry.calls))
-    location = f"/v1/realtime/calls/{call.id}"
+    return _answer(call, answer, as_json, 201)
+
+
+def _answer(call: Call, answer: str, as_json: bool, status: int) -> web.Response:
+    headers = {"Location": f"/v1/realtime/calls/{call.id}", "X-Reconnect-Secret": call.secret}
     if as_json:
-        return web.json_response({"type": "answer", "sdp": answer, "call_id": call.id},
-                                 status=201, headers={"Location": location})
-    return web.Response(status=201, text=answer, content_type="application/sdp", headers={"Location": location})
+        return web.json_response({"type": "answer", "sdp": answer, "call_id": call.id,
+                                  "reconnect_secret": call.secret}, status=status, headers=headers)
+    return web.Response(status=status, text=answer, content_type="application/sdp", headers=headers)
+
+
+async def reconnect(request: web.Request) -> web.Response:
+    """A new peer for a live call (the caller's network changed): authorised by the call's
+    reconnect secret, answered like an offer; the conversation carries on."""
+    registry = request.app[REGISTRY]
+    call_id = request.match_info["call_id"]
+    if not CALL_ID.fullmatch(call_id):
+        return error_response(404, "call_not_found", "No active call with that id.", param="call_id")
+    call = registry.calls.get(call_id)
+    owner = registry.workers.owner(call_id)
+    if call is None and owner is not None and owner != registry.workers.index:
+        return await _forward(registry.workers.internal_ports[owner], request, "reconnect")
+    if call is None or call.reason is not None:
+        return error_response(404, "call_not_found", f"No active call with id '{call_id}'.", param="call_id")
+    if registry.draining:
+        return _shutting_down()
+    presented = bearer(request) or ""
+    if not hmac.compare_digest(presented.encode(), call.secret.encode()):
+        return error_response(403, "invalid_reconnect_secret",
+                              "This call's reconnect secret is needed ('Authorization: Bearer <secret>', from the "
+                              "X-Reconnect-Secret header or the latest call.reconnect_info event); it changes "
+                              "after every re-attach.")
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            sdp, _session, as_json = await _parse_offer(request)
+    except TimeoutError:
+        return _body_timeout()
+    except _TooLarge:
+        return error_response(413, "body_too_large", f"Request body exceeds {MAX_OFFER_BYTES} bytes.")
+    except _UnsupportedType as exc:
+        return error_response(415, "unsupported_media_type",
+                              f"Content-Type '{exc}' is not supported; send application/sdp, "
+                              "application/json or multipart/form-data.")
+    except _BadRequest as exc:
+        return error_response(400, exc.code, str(exc), param=exc.param)
+    try:
+        validate_offer(sdp)
+    except OfferError as exc:
+        return error_response(400, "invalid_offer", str(exc), param="sdp")
+    try:
+        answer = await call.reattach(sdp)
+    except CallEnded as exc:
+        return error_response(404, "call_not_found", str(exc), param="call_id")
+    except Exception as exc:  # aiortc refusing the offer: the call goes on waiting for a usable one
+        return error_response(400, "invalid_offer", f"Could not apply the SDP offer: {exc}", param="sdp")
+    logger.info("call %s re-attached (%d so far)", call.id, call.reattaches)
+    return _answer(call, answer, as_json, 200)
 
 
 async def client_secret(request: web.Request) -> web.Response:
@@ -370,7 +423,7 @@ async def hangup(request: web.Request) -> web.Response:
     call = registry.calls.get(call_id)
     owner = registry.workers.owner(call_id)
     if call is None and owner is not None and owner != registry.workers.index:
-        return await _forward_hangup(registry.workers.internal_ports[owner], call_id)
+        return await _forward(registry.workers.internal_ports[owner], request, "hangup")
     if call is None:
         return error_response(404, "call_not_found", f"No active call with id '{call_id}'.", param="call_id")
     call.end("hung up by the client", tell_page=False)
@@ -378,12 +431,23 @@ async def hangup(request: web.Request) -> web.Response:
     return web.json_response({"id": call_id, "status": "ended"})
 
 
-async def _forward_hangup(port: int, call_id: str) -> web.Response:
-    """The call lives in another worker process: ask that worker, over loopback."""
+async def _forward(port: int, request: web.Request, action: str) -> web.Response:
+    """The call lives in another worker process: pass the request on to it, over loopback
+    (the id is well-formed: `Workers.owner` checked it)."""
+    call_id = request.match_info["call_id"]
+    headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
-            async with http.post(f"http://127.0.0.1:{port}/v1/realtime/calls/{call_id}/hangup") as r:
-                return web.Response(status=r.status, body=await r.read(), content_type="application/json")
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            body = await read_body(request)
+    except (TimeoutError, _TooLarge, _BadRequest):
+        return error_response(400, "invalid_body", "The request body could not be read.")
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
+            async with http.post(f"http://127.0.0.1:{port}/v1/realtime/calls/{call_id}/{action}",
+                                 data=body, headers=headers) as r:
+                passed = {k: v for k, v in r.headers.items() if k in ("Location", "X-Reconnect-Secret", "Retry-After")}
+                return web.Response(status=r.status, body=await r.read(), headers=passed,
+                                    content_type=r.content_type)
     except aiohttp.ClientError:
         return error_response(503, "worker_unavailable", "The worker holding this call did not answer.")
 
@@ -550,6 +614,7 @@ async def client_file(request: web.Request) -> web.StreamResponse:
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/realtime/calls", create_call)
     app.router.add_post("/v1/realtime/calls/{call_id}/hangup", hangup)
+    app.router.add_post("/v1/realtime/calls/{call_id}/reconnect", reconnect)
     app.router.add_post("/v1/realtime/client_secrets", client_secret)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -179,7 +179,7 @@ async def test_a_caller_whose_audio_stops_is_ended_after_the_media_timeout_and_t
                 await asyncio.Event().wait()
             return await super().recv()
 
-    bridge = await start_bridge(stub.url, media_timeout="1.5")
+    bridge = await start_bridge(stub.url, media_timeout="1.5", reconnect_grace="0")
     caller = new_caller(bridge.url)
     caller.source = Freezes()
     await caller.connect()
