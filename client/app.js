@@ -13,9 +13,9 @@ const bridge = (window.bridge = {
 
 function setState(state) {
   bridge.state = state;
-  ui.state.textContent = state;
+  ui.state.textContent = state === "reconnecting" ? "reconnecting…" : state;
   ui.state.dataset.state = state;
-  const live = state === "connecting" || state === "connected";
+  const live = state === "connecting" || state === "connected" || state === "reconnecting";
   ui.call.textContent = live ? "Hang up" : "Start";
   ui.call.classList.toggle("live", live);
 }
@@ -87,6 +87,10 @@ function onServerEvent(ev) {
       if (el) el.classList.add("interrupted");
       break;
     }
+    case "call.reconnect_info":
+      bridge.secret = ev.secret;
+      bridge.graceSeconds = ev.grace_seconds;
+      break;
     case "error": {
       const e = ev.error || {};
       showError(`${e.message || "error"}${e.code ? ` (${e.code})` : ""}`);
@@ -144,46 +148,119 @@ async function start() {
         !window.isSecureContext ? "The microphone needs https (or localhost)." : `Microphone error: ${err.message}`);
     });
     startMeters(bridge.mic);
-    const config = await fetch("/config.json").then((r) => r.json());
-    const pc = (bridge.pc = new RTCPeerConnection({ iceServers: config.ice_servers || [] }));
-    for (const track of bridge.mic.getAudioTracks()) pc.addTrack(track, bridge.mic);
-    pc.ontrack = (e) => {
-      const stream = e.streams[0] || new MediaStream([e.track]);
-      ui.remote.srcObject = stream; // the <audio> element is the echo canceller's reference
-      ui.remote.play().catch((err) => showError(`Playback blocked: ${err.message}`));
-      bridge.attachModel(stream);
-    };
-    pc.onconnectionstatechange = () => {
-      const s = pc.connectionState;
-      if (s === "connected") setState("connected");
-      else if (s === "failed") { showError("The connection failed (network or firewall)."); teardown("failed"); }
-      else if (s === "disconnected") setState("connecting");
-    };
-    const dc = (bridge.dc = pc.createDataChannel("oai-events"));
-    dc.onmessage = (e) => { try { onServerEvent(JSON.parse(e.data)); } catch (err) { console.error(err); } };
-    dc.onclose = () => { if (bridge.state === "connected") teardown("ended"); };
-
-    await pc.setLocalDescription(await pc.createOffer());
-    await iceGatheringDone(pc, 2000);
+    bridge.config = await fetch("/config.json").then((r) => r.json());
+    const pc = newPeer();
     // A server started with BRIDGE_AUTH_TOKEN wants a key: links carry one as #key=ek_...
     const key = new URLSearchParams(location.hash.slice(1)).get("key");
-    const headers = { "Content-Type": "application/sdp" };
-    if (key) headers.Authorization = `Bearer ${key}`;
-    const resp = await fetch("/v1/realtime/calls", { method: "POST", headers, body: pc.localDescription.sdp });
-    const body = await resp.text();
-    if (resp.status !== 201) {
-      let message = body;
-      try { message = JSON.parse(body).error.message; } catch (_) {}
-      throw new Error(`Server refused the call (${resp.status}): ${message}`);
-    }
+    const resp = await offer(pc, "/v1/realtime/calls", key);
+    if (resp.status !== 201) throw new Error(`Server refused the call (${resp.status}): ${resp.message}`);
     bridge.callId = (resp.headers.get("Location") || "").split("/").pop();
-    await pc.setRemoteDescription({ type: "answer", sdp: body });
+    await pc.setRemoteDescription({ type: "answer", sdp: resp.body });
   } catch (err) {
     showError(err.message || String(err));
     await teardown("failed");
   } finally {
     ui.call.disabled = false;
   }
+}
+
+// One peer connection: the microphone out, the model's audio in, the "oai-events" channel.
+// A call can go through several: after a network change the page re-attaches with a new one.
+function newPeer() {
+  const pc = (bridge.pc = new RTCPeerConnection({ iceServers: bridge.config.ice_servers || [] }));
+  for (const track of bridge.mic.getAudioTracks()) pc.addTrack(track, bridge.mic);
+  pc.ontrack = (e) => {
+    const stream = e.streams[0] || new MediaStream([e.track]);
+    ui.remote.srcObject = stream; // the <audio> element is the echo canceller's reference
+    ui.remote.play().catch((err) => showError(`Playback blocked: ${err.message}`));
+    bridge.attachModel(stream);
+  };
+  pc.onconnectionstatechange = () => {
+    if (pc !== bridge.pc) return; // a peer already replaced
+    const s = pc.connectionState;
+    if (s === "connected") { bridge.everConnected = true; showError(""); setState("connected"); }
+    else if (s === "failed") reconnect("the connection failed");
+    else if (s === "disconnected") {
+      // ICE often recovers by itself within a second or two; if not, offer again
+      setState("reconnecting");
+      clearTimeout(bridge.disconnectTimer);
+      bridge.disconnectTimer = setTimeout(() => {
+        if (pc === bridge.pc && pc.connectionState !== "connected") reconnect("the connection was lost");
+      }, 1500);
+    }
+  };
+  const dc = (bridge.dc = pc.createDataChannel("oai-events"));
+  dc.onmessage = (e) => { try { onServerEvent(JSON.parse(e.data)); } catch (err) { console.error(err); } };
+  dc.onclose = () => { if (pc === bridge.pc && bridge.state === "connected") reconnect("the event channel closed"); };
+  return pc;
+}
+
+// Offer `pc`'s SDP at `url`; the answer is applied by the caller.
+async function offer(pc, url, bearer) {
+  await pc.setLocalDescription(await pc.createOffer());
+  await iceGatheringDone(pc, 2000);
+  const headers = { "Content-Type": "application/sdp" };
+  if (bearer) headers.Authorization = `Bearer ${bearer}`;
+  const resp = await fetch(url, { method: "POST", headers, body: pc.localDescription.sdp });
+  const body = await resp.text();
+  let message = body;
+  try { message = JSON.parse(body).error.message; } catch (_) {}
+  const secret = resp.headers.get("X-Reconnect-Secret");
+  if (secret) bridge.secret = secret;
+  return { status: resp.status, headers: resp.headers, body, message };
+}
+
+// The network changed (Wi-Fi to cellular, a tunnel): the server holds the call for a grace
+// period; come back with a new peer, authorised by the call's reconnect secret.
+async function reconnect(why) {
+  if (!bridge.callId || !bridge.everConnected || bridge.reconnecting || !bridge.mic) {
+    if (bridge.callId && !bridge.everConnected) { showError(`The connection failed (${why}: network or firewall).`); teardown("failed"); }
+    return;
+  }
+  bridge.reconnecting = true;
+  setState("reconnecting");
+  const deadline = Date.now() + 1000 * (bridge.graceSeconds || 20);
+  let delay = 250;
+  try {
+    while (bridge.callId && Date.now() < deadline) {
+      if (navigator.onLine === false) { await sleep(500); continue; } // no network at all yet
+      const old = bridge.pc;
+      const pc = newPeer();
+      if (old) old.close();
+      try {
+        const resp = await offer(pc, `/v1/realtime/calls/${bridge.callId}/reconnect`, bridge.secret);
+        if (resp.status === 200) {
+          await pc.setRemoteDescription({ type: "answer", sdp: resp.body });
+          bridge.reconnects = (bridge.reconnects || 0) + 1;
+          return; // "connected" once ICE and DTLS are up
+        }
+        if (resp.status === 403 || resp.status === 404) {
+          showError(`The call could not be resumed (${resp.status}): ${resp.message}`);
+          await teardown("ended");
+          return;
+        }
+      } catch (err) {
+        console.warn("reconnect attempt failed", err); // the network is not back yet
+      }
+      await sleep(delay);
+      delay = Math.min(2000, delay * 2);
+    }
+    if (bridge.callId) { showError(`The connection was lost (${why}) and did not come back.`); await teardown("ended"); }
+  } finally {
+    bridge.reconnecting = false;
+  }
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// While the current path still works the call stays on it (ICE reports when it stops).
+function networkChanged() {
+  if (bridge.callId && bridge.pc && bridge.pc.connectionState !== "connected") reconnect("the network changed");
+}
+window.addEventListener("online", networkChanged);
+window.addEventListener("offline", () => { if (bridge.callId) setState("reconnecting"); });
+if (navigator.connection && navigator.connection.addEventListener) {
+  navigator.connection.addEventListener("change", networkChanged);
 }
 
 function iceGatheringDone(pc, timeoutMs) {
@@ -200,6 +277,9 @@ async function teardown(state) {
   const { pc, callId } = bridge;
   bridge.pc = null;
   bridge.callId = null;
+  bridge.secret = null;
+  bridge.everConnected = false;
+  clearTimeout(bridge.disconnectTimer);
   if (callId && state === "idle") {
     await fetch(`/v1/realtime/calls/${callId}/hangup`, { method: "POST" }).catch(() => {});
   }

@@ -75,12 +75,24 @@ class LossyLink:
         """Random UDP loss, in percent (0.1 % steps), browser → server and server → browser."""
         _sh("nft", "flush", "chain", "inet", self.table, "input")
         self._in_ns("nft", "flush", "chain", "inet", self.table, "input")
+        def share(pct: float) -> list[str]:  # 100 %: every packet (nft refuses "< 1000" of mod 1000)
+            return [] if pct >= 100 else ["numgen", "random", "mod", "1000", "<", str(round(pct * 10))]
+
         if uplink_pct > 0:
             _sh("nft", "add", "rule", "inet", self.table, "input", "iifname", self.host_if, "meta", "l4proto", "udp",
-                "numgen", "random", "mod", "1000", "<", str(round(uplink_pct * 10)), "drop")
+                *share(uplink_pct), "drop")
         if downlink_pct > 0:
             self._in_ns("nft", "add", "rule", "inet", self.table, "input", "meta", "l4proto", "udp",
-                        "numgen", "random", "mod", "1000", "<", str(round(downlink_pct * 10)), "drop")
+                        *share(downlink_pct), "drop")
+
+    def readdress(self, last_octet: int) -> str:
+        """The browser's side gets a new address, as a phone moving from Wi-Fi to cellular
+        does: its old ICE candidates die. Returns the new address."""
+        new_ip = self.ns_ip.rsplit(".", 1)[0] + f".{last_octet}"
+        self._in_ns("ip", "addr", "del", f"{self.ns_ip}/24", "dev", self.ns_if)
+        self._in_ns("ip", "addr", "add", f"{new_ip}/24", "dev", self.ns_if)
+        self.ns_ip = new_ip
+        return new_ip
 
     def wrap(self, executable: str) -> str:
         """A path that runs `executable` inside the namespace (for Playwright's executable_path)."""
