@@ -80,6 +80,7 @@ class Settings:
     connect_timeout: float = 15.0
     media_timeout: float = 10.0
     reconnect_grace: float = 20.0
+    upstream_session_lifetime: float = -1.0  # auto
     admission: bool = True
     max_connections: int = 1000
     offers_per_minute: int = 60
@@ -115,6 +116,15 @@ class Settings:
         if "model" not in query and "deployment" not in query:
             query["model"] = [self.model]
         return urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
+
+    def upstream_lifetime(self) -> float:
+        """Seconds an upstream session is used before a planned handoff (0: no limit)."""
+        if self.upstream_session_lifetime >= 0:
+            return self.upstream_session_lifetime
+        if self.uses_local_backend:
+            return 0.0
+        host = urlsplit(self.realtime_url or OPENAI_REALTIME_URL).hostname or ""
+        return 3300.0 if host == "api.openai.com" or host.endswith((".azure.com", ".azure.us", ".azure.cn")) else 0.0
 
     def upstream_headers(self) -> dict[str, str]:
         """Auth header for the upstream; the key never goes anywhere else."""
@@ -205,6 +215,12 @@ def _non_negative_float(v: str) -> float:
     return n
 
 
+def _lifetime(v: str) -> float:
+    if v.strip().lower() == "auto":
+        return -1.0
+    return _non_negative_float(v)
+
+
 def _unit_float(v: str) -> float:
     n = float(v)
     if not 0.0 <= n <= 1.0:
@@ -270,6 +286,7 @@ class Option:
     parse: Callable[[str], Any]
     help: str
     secret: bool = False
+    shown: Optional[str] = None  # how the default is shown, when its stored value says it badly
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -302,6 +319,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("offers_per_minute", ("OFFERS_PER_MINUTE",), _non_negative_int, "offers one client address may make per minute (a burst of that many, then one every 60/N s; 0: no limit; requests with BRIDGE_AUTH_TOKEN are exempt)"),
     Option("pending_offers_per_address", ("PENDING_OFFERS_PER_ADDRESS",), _non_negative_int, "calls one client address may have not yet connected (ICE/DTLS) at once (0: no limit; BRIDGE_AUTH_TOKEN exempt)"),
     Option("reconnect_grace", ("RECONNECT_GRACE",), _non_negative_float, "seconds a call whose caller's network went away (no audio for 2 s, or ICE failed) is held for the caller to re-attach with POST /v1/realtime/calls/{id}/reconnect (0: no holding; the call ends after MEDIA_TIMEOUT)"),
+    Option("upstream_session_lifetime", ("UPSTREAM_SESSION_LIFETIME",), _lifetime, "seconds after which a call moves to a new upstream session between turns, with the conversation replayed as text ('auto': 3300 for OpenAI and Azure, whose sessions end at 60 minutes, none for other servers; 0: never). A session closed with 1001/1006/1011/1012/1013 is replaced the same way at any time", shown="auto"),
     Option("audio_path", ("AUDIO_PATH",), _choice("libopus", "aiortc"), "Opus both ways: 'libopus' is the bridge's own (answer asks for in-band FEC and RED; lost packets rebuilt from RED, then FEC, then concealment; 24 kHz mono encoder with FEC sized from the browser's loss reports); 'aiortc' is aiortc's stock path (its jitter buffer, PyAV decode + resample, 96 kb/s CELT encoder, no FEC, lost audio becomes silence)"),
     Option("reorder_wait_ms", ("REORDER_WAIT_MS",), _non_negative_int, "longest wait for a missing packet before it is given up and rebuilt, ms (rounded down to 20 ms packets; no wait when the next packet carries the lost audio)"),
     Option("red", ("AUDIO_RED",), _bool, "negotiate redundant audio (RED, RFC 2198) with browsers that offer it: each packet also carries the previous frame (about twice the audio bitrate), so a lost packet is rebuilt exactly"),
@@ -331,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--env-file", default=".env", help="optional dotenv file (default: .env)")
     for opt in OPTIONS:
         default = getattr(_DEFAULTS, opt.name, None) if hasattr(_DEFAULTS, opt.name) else None
-        shown = "" if opt.secret or default in (None, "", ()) else f" (default: {_show(default)})"
+        shown = "" if opt.secret or default in (None, "", ()) else f" (default: {opt.shown or _show(default)})"
         parser.add_argument(
             "--" + opt.name.replace("_", "-"),
             dest=opt.name,
@@ -347,7 +365,7 @@ def markdown_table() -> str:
     rows = ["| flag | environment | default | what it does |", "|---|---|---|---|"]
     for opt in OPTIONS:
         default = getattr(_DEFAULTS, opt.name, None)
-        shown = "—" if opt.secret or default in (None, "", ()) else f"`{_show(default)}`"
+        shown = "—" if opt.secret or default in (None, "", ()) else f"`{opt.shown or _show(default)}`"
         rows.append(f"| `--{opt.name.replace('_', '-')}` | {' / '.join(f'`{e}`' for e in opt.env)} | {shown} | "
                     f"{opt.help.replace('|', '/')} |")
     return "\n".join(rows)

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import secrets
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Coroutine, Optional
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
@@ -41,7 +42,7 @@ from .policy import ClientEventPolicy
 from . import sctpcap
 from .conversation import Action, Conversation, Cut, EndOfAudio, FlushPlayback, Forget, Play, ToPage, ToUpstream
 from .redaction import redact
-from .upstream import UpstreamError, UpstreamSession
+from .upstream import RETRYABLE_CLOSE_CODES, UpstreamError, UpstreamSession
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +57,34 @@ DEFAULT_PAGE_MESSAGE_LIMIT = 65536
 #: back (a new one opens if the peer connects later, before CONNECT_TIMEOUT): offers that never
 #: connect must not hold the model service's sessions.
 UPSTREAM_HOLD_S = 5.0
+#: Upstream handoffs a call may make, and the least time between two (an upstream that
+#: keeps dropping ends the call).
+MAX_HANDOFFS = 20
+MIN_HANDOFF_INTERVAL_S = 2.0
+#: A new upstream session that has not acknowledged the replay by then is used as it is.
+REPLAY_TIMEOUT_S = 10.0
 #: No packet from the caller this long: its network went away, the call is held (RECONNECT_GRACE).
 HOLD_AFTER_S = 2.0
 
 
 class CallEnded(Exception):
     pass
+
+
+@dataclass
+class _ReplayFilter:
+    """What a new upstream session answers to the replay, kept from the page."""
+
+    item_ids: set[str]
+    updates: int  # session.updates sent, each answered by a session.updated
+    acked: set[str] = field(default_factory=set)
+    updates_seen: int = 0
+    last_session: Optional[Event] = None
+    errors: int = 0
+
+    @property
+    def pending(self) -> bool:
+        return self.updates_seen < self.updates or len(self.acked) + self.errors < len(self.item_ids)
 
 
 class Call:
@@ -101,7 +124,12 @@ class Call:
         self._connect_tasks: set[asyncio.Task] = set()  # aiortc's ICE/DTLS start-up tasks
         self._malformed_shapes = 0  # valid JSON, but not the shape its type promises
         self.oversized_page_events = 0
-        self._setup_events: list[Event] = []  # session.updates of the call's creation, for a new upstream
+        self._session_updates: list[Event] = []  # every session.update sent upstream, for a new session
+        self._replay: Optional[_ReplayFilter] = None  # a new upstream session being given the conversation
+        self.handoffs = 0
+        self._replayed_ids: set[str] = set()  # their item.added/done from a new session are not news
+        self._last_handoff = 0.0
+        self._upstream_opened_at = time.monotonic()
         self.upstream_parked = False
         self.on_connected: Optional[Callable[["Call"], None]] = None
         self._upstream_tasks: list[asyncio.Task] = []
@@ -204,7 +232,7 @@ class Call:
     def send_setup(self, event: Event) -> None:
         """A session.update that belongs to the call's set-up (the key's or the offer's session):
         sent now, and again to any upstream that replaces this one."""
-        self._setup_events.append(event)
+        self._session_updates.append(event)
         self.upstream.send(event)
 
     def start(self) -> None:
@@ -212,6 +240,7 @@ class Call:
         self._start_upstream_tasks()
         self._spawn(self._watch_connect(), "connect-timeout")
         self._spawn(self._watch_duration(), "max-duration")
+        self._spawn(self._watch_lifetime(), "upstream-lifetime")
         self._spawn(self._watch_uplink(), "media-timeout")
         self._start_peer_tasks()
         self.to_page(self._reconnect_event())
@@ -433,6 +462,9 @@ class Call:
         if exc is None:
             return
         if isinstance(exc, UpstreamError):
+            if task in self._upstream_tasks and self._may_hand_off(exc):
+                self._spawn(self._hand_off(str(exc), planned=False), "upstream-handoff")
+                return
             self.end(str(exc), code=ErrorCode.UPSTREAM_CLOSED, wait_for_page=True)
         elif isinstance(exc, (MicTimeout, CallEnded)):
             self.end(str(exc))
@@ -501,6 +533,105 @@ class Call:
         elif state in ("failed", "closed"):
             self.end(f"peer connection {state}")
 
+    # -- upstream handoff ------------------------------------------------------------
+
+    def _may_hand_off(self, exc: UpstreamError) -> bool:
+        return (exc.close_code in RETRYABLE_CLOSE_CODES and self.reason is None and self._replay is None
+                and self.handoffs < MAX_HANDOFFS and time.monotonic() - self._last_handoff > MIN_HANDOFF_INTERVAL_S)
+
+    async def _hand_off(self, why: str, *, planned: bool) -> None:
+        """Move the call to a new upstream session: the same configuration, then the
+        conversation so far as items; the page sees one session.updated and none of the
+        replayed items again. Unplanned (the old one is gone): audio queues for the new one
+        at once. Planned (before the session's lifetime ends, between turns): the old one
+        carries on until the new one is open."""
+        self.handoffs += 1
+        self._last_handoff = time.monotonic()
+        new = self.upstream.fresh()
+        for event in self._session_updates:
+            new.send(event)
+        replayed = self.conversation.replay()
+        for event in replayed:
+            new.send(event)
+        self._replay = _ReplayFilter({e["item"]["id"] for e in replayed}, len(self._session_updates) + 1)
+        self._replayed_ids.update(self._replay.item_ids)
+        logger.info("call %s: %s; handing over to a new upstream session (%d items replayed)", self.id, why,
+                    len(replayed))
+        old = self.upstream
+        if not planned:
+            self._swap_upstream(new)
+        try:
+            await new.connect(events.session_update(self.settings.session_config()))
+        except UpstreamError as exc:
+            raise CallEnded(f"{why}, and a new upstream session failed: {exc}") from None
+        if planned:
+            self._swap_upstream(new)
+        self._upstream_opened_at = time.monotonic()
+        self._start_upstream_tasks()
+        self._spawn(self._watch_replay(), "upstream-replay")
+        try:
+            await asyncio.wait_for(old.close(), 2.0)
+        except (asyncio.TimeoutError, OSError):
+            pass
+
+    def _swap_upstream(self, new: UpstreamSession) -> None:
+        for task in self._upstream_tasks:
+            task.cancel()
+        self._upstream_tasks = []
+        self.upstream = new
+        self._session_created.clear()
+
+    async def _watch_replay(self) -> None:
+        await asyncio.sleep(REPLAY_TIMEOUT_S)
+        if self._replay is not None:
+            logger.warning("call %s: the new upstream session did not acknowledge the replay in %g s", self.id,
+                           REPLAY_TIMEOUT_S)
+            self._finish_replay()
+
+    def _filter_replay(self, event: Event) -> bool:
+        """True if `event` is the new session's answer to the replay (the page has seen it all)."""
+        f = self._replay
+        assert f is not None
+        kind = event.get("type")
+        if kind == Server.SESSION_CREATED:
+            return True
+        if kind == Server.SESSION_UPDATED:
+            f.last_session, f.updates_seen = event, f.updates_seen + 1
+        elif kind in (Server.ITEM_ADDED, Server.ITEM_DONE, "conversation.item.created"):
+            item_id = (event.get("item") or {}).get("id")
+            if item_id not in f.item_ids:
+                return False
+            f.acked.add(item_id)
+        elif kind == Server.ERROR and f.pending:
+            err = event.get("error") or {}
+            logger.warning("call %s: the new upstream session refused part of the replay: %s", self.id,
+                           redact(str(err.get("message"))))
+            f.errors += 1
+        else:
+            return False
+        if not f.pending:
+            self._finish_replay()
+        return True
+
+    def _finish_replay(self) -> None:
+        f, self._replay = self._replay, None
+        if f is not None and f.last_session is not None:
+            self.execute(self.conversation.from_upstream(f.last_session))  # the page's one session.updated
+
+    async def _watch_lifetime(self) -> None:
+        """Before the upstream's session limit (OpenAI: 60 minutes), move to a new session
+        between turns, never mid-response."""
+        lifetime = self.settings.upstream_lifetime()
+        if lifetime <= 0:
+            return
+        while True:
+            await asyncio.sleep(max(0.1, self._upstream_opened_at + lifetime - time.monotonic()))
+            if time.monotonic() - self._upstream_opened_at < lifetime:
+                continue  # a handoff happened meanwhile
+            while self.conversation.active_response or self.playback.playing_item or self._replay is not None:
+                await asyncio.sleep(0.2)
+            await self._hand_off(f"the upstream session reached its {lifetime:g} s lifetime", planned=True)
+
     def _start_upstream_tasks(self) -> None:
         self._upstream_tasks = [self._spawn(self.upstream.write_loop(), "upstream-writer"),
                                 self._spawn(self._read_upstream(), "upstream-reader"),
@@ -523,7 +654,7 @@ class Call:
         for task in self._upstream_tasks:
             task.cancel()
         old, self.upstream = self.upstream, self.upstream.fresh()
-        for event in self._setup_events:
+        for event in self._session_updates:
             self.upstream.send(event)
         self._session_created.clear()
         # what the old session said (session.created, ...) is not the new one's: the page never saw it
@@ -597,6 +728,8 @@ class Call:
         """Carry out what the conversation core decided, in order."""
         for action in actions:
             if isinstance(action, ToUpstream):
+                if action.event.get("type") == Client.SESSION_UPDATE and len(self._session_updates) < 100:
+                    self._session_updates.append(action.event)
                 self.upstream.send(action.event)
             elif isinstance(action, ToPage):
                 self.to_page(action.event)
@@ -667,6 +800,10 @@ class Call:
                 logger.warning("call %s: upstream %s event dropped: %s (%d malformed so far)", self.id, kind,
                                problem, self.malformed_upstream_events)
             return
+        if self._replay is not None and self._filter_replay(event):
+            return
+        if kind in (Server.ITEM_ADDED, Server.ITEM_DONE) and (event.get("item") or {}).get("id") in self._replayed_ids:
+            return  # a late acknowledgement of the replay
         if kind == Server.ERROR:
             err = event.get("error") or {}
             logger.warning("call %s: upstream error %s: %s", self.id, err.get("code"), redact(str(err.get("message"))))

@@ -204,6 +204,24 @@ class Conversation:
                 actions.append(Forget(item))
         return actions
 
+    def replay(self) -> list[Event]:
+        """The conversation so far as `conversation.item.create` events, for a new upstream
+        session (text only: audio is not replayed), with the items' own ids."""
+        out: list[Event] = []
+        for h in self.history:
+            if h.kind in ("user", "assistant"):
+                if not h.text:
+                    continue
+                part = "input_text" if h.kind == "user" else "output_text"
+                item: dict[str, Any] = {"type": "message", "role": h.kind, "content": [{"type": part, "text": h.text}]}
+            elif h.kind == "function_call":
+                item = {"type": "function_call", "call_id": h.call_id, "name": h.name, "arguments": h.text}
+            else:
+                item = {"type": "function_call_output", "call_id": h.call_id, "output": h.text}
+            item["id"] = h.id[:32]
+            out.append({"type": Client.ITEM_CREATE, "event_id": events.event_id(), "item": item})
+        return out
+
     # -- what the core holds -------------------------------------------------------
 
     @property

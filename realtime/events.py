@@ -145,6 +145,14 @@ _SHAPES: dict[str, dict[str, tuple[type, ...]]] = {
     Server.ERROR: {"error": (dict,)},
     Server.OUTPUT_AUDIO_DELTA: {"delta": (str,), "item_id": (str,), "response_id": (str,)},
     Server.SPEECH_STARTED: {"item_id": (str,)},
+    # kept as the conversation's text (replayed to a new upstream session)
+    Server.ITEM_ADDED: {"item": (dict,)},
+    Server.ITEM_DONE: {"item": (dict,)},
+    Server.OUTPUT_ITEM_DONE: {"item": (dict,)},
+    "conversation.item.input_audio_transcription.completed": {"item_id": (str,), "transcript": (str,)},
+    "response.output_audio_transcript.done": {"item_id": (str,), "transcript": (str,)},
+    "response.output_text.done": {"item_id": (str,), "text": (str,)},
+    "response.function_call_arguments.done": {"item_id": (str,), "arguments": (str,)},
 }
 _IDS = ("id",)
 

@@ -33,7 +33,17 @@ class UpstreamError(Exception):
     """The upstream refused, could not be reached or dropped the connection.
 
     Messages name the host and the status, never the key or the query string.
+    `close_code`: the WebSocket close code when an open session ended (1006: dropped).
     """
+
+    def __init__(self, message: str, close_code: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+
+
+#: Close codes after which a new session is worth opening: going away (OpenAI's 60-minute
+#: limit is 1001), dropped, internal error, restart, try again later.
+RETRYABLE_CLOSE_CODES = frozenset({1001, 1006, 1011, 1012, 1013})
 
 
 class UpstreamBusy(UpstreamError):
@@ -105,7 +115,7 @@ class UpstreamSession:
                 await self._ws.send(message)
                 self.sent_events += 1
         except ConnectionClosed as exc:
-            raise UpstreamError(_closed_reason(exc)) from None
+            raise UpstreamError(*_closed_reason(exc)) from None
 
     async def read(self) -> AsyncIterator[Event]:
         """Server events (beta names mapped to GA). Ends when the upstream closes."""
@@ -125,15 +135,15 @@ class UpstreamSession:
                 self.received_events += 1
                 yield events.normalize_server_event(event)
         except ConnectionClosed as exc:
-            raise UpstreamError(_closed_reason(exc)) from None
-        raise UpstreamError(_closed_reason(None, self._ws))
+            raise UpstreamError(*_closed_reason(exc)) from None
+        raise UpstreamError(*_closed_reason(None, self._ws))
 
     async def close(self) -> None:
         if self._ws is not None:
             await self._ws.close()
 
 
-def _closed_reason(exc: Optional[ConnectionClosed], ws: Optional[ClientConnection] = None) -> str:
+def _closed_reason(exc: Optional[ConnectionClosed], ws: Optional[ClientConnection] = None) -> tuple[str, int]:
     """Why the upstream went away, from the close frame it sent (websockets' `rcvd`, or the
     connection's `close_code`/`close_reason` after a clean end of the stream)."""
     code, reason = None, ""
@@ -142,6 +152,6 @@ def _closed_reason(exc: Optional[ConnectionClosed], ws: Optional[ClientConnectio
     elif ws is not None and ws.close_code is not None:
         code, reason = ws.close_code, ws.close_reason or ""
     if code is None:
-        return "upstream connection dropped"
+        return "upstream connection dropped", 1006
     reason = reason[:200]
-    return f"upstream closed the connection (code {code}{': ' + reason if reason else ''})"
+    return f"upstream closed the connection (code {code}{': ' + reason if reason else ''})", code

@@ -117,12 +117,13 @@ async def test_page_events_pass_the_policy_or_get_an_error_event(bridge, stub, n
     assert not session.events_of("input_audio_buffer.append")  # page audio only goes by RTP
 
 
-async def test_a_dropped_upstream_ends_the_call_and_the_page_is_told_why(bridge, stub, new_caller):
+async def test_an_upstream_closed_for_good_ends_the_call_and_the_page_is_told_why(bridge, stub, new_caller):
+    # (1001/1006/1011/1012/1013 are handed off to a new session: test_handoff.py)
     caller, session = await connected_call(bridge, stub, new_caller)
-    await stub.drop(1011, "model crashed")
+    await stub.drop(4003, "model crashed")
     err = await caller.next_event("error")
     assert err["error"]["code"] == "upstream_closed"
-    assert "1011" in err["error"]["message"] and "model crashed" in err["error"]["message"]
+    assert "4003" in err["error"]["message"] and "model crashed" in err["error"]["message"]
     await bridge.wait_no_calls()
     await eventually(lambda: caller.pc.connectionState == "closed", what="the peer to close")
 
