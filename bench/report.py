@@ -239,7 +239,7 @@ def write_report(r: dict) -> Path:
         for row in rel["rows"]:
             lines.append(f"| {row['loss_pct']:.0f} | {row['path']} | {_p(row['latency_ms'])} | {row['stalls_per_min']} | {row['lost']} |")
     lines += ["", *_browser_section(r.get("browser_loss") or {"skipped": "not part of this run"})]
-    lines += ["", *admission_section()]
+    lines += ["", *admission_section(), "", *reconnect_section()]
     path = ROOT / "BENCHMARKS.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -403,6 +403,31 @@ def admission_section() -> list[str]:
     return lines
 
 
+def _reconnect() -> dict | None:
+    import json
+
+    path = RESULTS_DIR / "reconnect.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def reconnect_section() -> list[str]:
+    lines = ["## 9. A network change: how soon audio flows again", ""]
+    r = _reconnect()
+    if r is None or "skipped" in r:
+        return lines + [f"Not measured: {(r or {}).get('skipped', 'run `sudo python bench/reconnect.py`')}."]
+    lines += [f"From `{r['command']}` on {r['date']}. Chromium (the bundled page) in a network namespace; each of "
+              f"{len(r['trials'])} trials drops all its UDP for {r['outage_s']:g} s and changes its address halfway "
+              "(its ICE candidates die), then restores the link. Seconds from the restore until the re-attached peer "
+              "is connected, the caller's audio reaches the model, and model audio (a reply started at the restore) "
+              f"plays in the page; {r['upstream_sessions']} upstream session throughout.", "",
+              "| measure | p50 | p95 | max |", "|---|---|---|---|"]
+    for key, label in (("page_connected_s", "page's new peer connected"), ("uplink_s", "caller's audio at the model"),
+                       ("downlink_s", "model audio playing in the page")):
+        d = r[key]
+        lines.append(f"| {label} | {d['p50']} s | {d['p95']} s | {d['max']} s |")
+    return lines
+
+
 def admission_headline() -> list[str]:
     a = _admission()
     if a is None:
@@ -456,6 +481,12 @@ def update_readme(r: dict) -> None:
     admission = admission_headline()
     if admission:
         rows += ["", *admission]
+    rec = _reconnect()
+    if rec and "skipped" not in rec:
+        rows += ["", f"A network change (`bench/reconnect.py`, BENCHMARKS.md §9): with the page's UDP cut for "
+                 f"{rec['outage_s']:g} s and its address changed, audio flows again {rec['uplink_s']['p50']} s (p50; p95 "
+                 f"{rec['uplink_s']['p95']} s) after the network is back toward the model, "
+                 f"{rec['downlink_s']['p50']} s (p95 {rec['downlink_s']['p95']} s) toward the page, on one upstream session."]
     readme = ROOT / "README.md"
     text = readme.read_text()
     start, end = "<!-- figures:start -->", "<!-- figures:end -->"

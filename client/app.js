@@ -178,7 +178,7 @@ function newPeer() {
   pc.onconnectionstatechange = () => {
     if (pc !== bridge.pc) return; // a peer already replaced
     const s = pc.connectionState;
-    if (s === "connected") { bridge.everConnected = true; showError(""); setState("connected"); }
+    if (s === "connected") { bridge.everConnected = true; showError(""); setState("connected"); watchInbound(pc); }
     else if (s === "failed") reconnect("the connection failed");
     else if (s === "disconnected") {
       // ICE often recovers by itself within a second or two; if not, offer again
@@ -232,7 +232,10 @@ async function reconnect(why) {
         if (resp.status === 200) {
           await pc.setRemoteDescription({ type: "answer", sdp: resp.body });
           bridge.reconnects = (bridge.reconnects || 0) + 1;
-          return; // "connected" once ICE and DTLS are up
+          if (await connectedWithin(pc, 1200)) return;
+          // Not through yet (the network is still away): ICE checks back off the longer they fail,
+          // so a fresh peer every ~1.2 s has fresh checks ready for when the network returns.
+          continue;
         }
         if (resp.status === 403 || resp.status === 404) {
           showError(`The call could not be resumed (${resp.status}): ${resp.message}`);
@@ -252,6 +255,30 @@ async function reconnect(why) {
 }
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// The server sends audio all the time (silence included, unless it runs with DTX), so
+// 1.5 s without a packet means the path is gone: well before ICE says "disconnected".
+function watchInbound(pc) {
+  if (bridge.config.opus_dtx) return;
+  let last = -1, since = Date.now();
+  const timer = setInterval(async () => {
+    if (pc !== bridge.pc || pc.connectionState === "closed") { clearInterval(timer); return; }
+    let received = 0;
+    (await pc.getStats()).forEach((r) => { if (r.type === "inbound-rtp" && r.kind === "audio") received = r.packetsReceived; });
+    if (received !== last) { last = received; since = Date.now(); return; }
+    if (Date.now() - since > 1500) { clearInterval(timer); reconnect("no audio from the server for 1.5 s"); }
+  }, 250);
+}
+
+function connectedWithin(pc, ms) {
+  if (pc.connectionState === "connected") return Promise.resolve(true);
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => resolve(pc.connectionState === "connected"), ms);
+    pc.addEventListener("connectionstatechange", () => {
+      if (pc.connectionState === "connected") { clearTimeout(timer); resolve(true); }
+    });
+  });
+}
 
 // While the current path still works the call stays on it (ICE reports when it stops).
 function networkChanged() {

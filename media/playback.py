@@ -133,6 +133,7 @@ class PlaybackTrack(MediaStreamTrack):
         self._frames = 0
         self._playing: Optional[str] = None  # item id of the audio being played
         self._audio_done = False
+        self.paused = False  # silence out, nothing consumed (the caller cannot hear: its network is gone)
         self._make_frame = frames or Upsampler()
         self.stats = PlaybackStats()
         #: Called with the item id when its first samples go to the encoder.
@@ -232,6 +233,8 @@ class PlaybackTrack(MediaStreamTrack):
             logger.debug("PlaybackTrack(%s) re-anchored after %.0f ms stall", self.id, late * 1000)
 
     def _next_pcm(self) -> bytes:
+        if self.paused:
+            return _SILENCE
         if not self._buffered:
             if self._playing is not None and self._audio_done:
                 self._finish_playing()

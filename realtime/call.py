@@ -31,7 +31,7 @@ from aiortc.rtcdatachannel import RTCDataChannel
 from media import downlink, jitter, negotiate
 from media.downlink import OpusPacker
 from media.mic import MicPump, MicTimeout
-from media.playback import PlaybackTrack, pcm_frame
+from media.playback import PlaybackTrack, Upsampler, pcm_frame
 from media.uplink import UplinkDecoder
 from settings import Settings
 
@@ -137,14 +137,16 @@ class Call:
     # -- setup ---------------------------------------------------------------------
 
     def _new_peer(self) -> None:
-        """The parts that belong to one peer connection (replaced when the caller re-attaches)."""
+        """The parts that belong to one peer connection (replaced when the caller re-attaches).
+        The playback track is the call's: it moves to the new peer with what it holds."""
         ice = [RTCIceServer(urls=s.urls, username=s.username, credential=s.credential)
                for s in self.settings.ice_servers]
         # An explicit (possibly empty) list: None would mean Google's STUN server.
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
-        self.playback = PlaybackTrack()
-        self.playback.on_started = self._on_playback_started
-        self.playback.on_stopped = self._on_playback_stopped
+        if not hasattr(self, "playback"):
+            self.playback = PlaybackTrack()
+            self.playback.on_started = self._on_playback_started
+            self.playback.on_stopped = self._on_playback_stopped
         self.mic: Optional[MicPump] = None  # aiortc's path
         self.uplink: Optional[UplinkDecoder] = None  # our own path
         self.packer: Optional[OpusPacker] = None
@@ -214,6 +216,7 @@ class Call:
         return True
 
     def _aiortc_audio_path(self) -> None:
+        self.playback.set_frames(Upsampler())  # aiortc's encoder takes 48 kHz stereo frames
         track = self._remote_track
         if track is None:
             return
@@ -270,6 +273,7 @@ class Call:
             # the caller has heard nothing since its network went (about when its packets stopped)
             self._unheard_ms = int(max(0.0, self.held_since - last) * 1000)
         self.barge_in()
+        self.playback.paused = True  # what comes meanwhile (a new response) waits for the caller
         if active:
             self.upstream.send({"type": Client.RESPONSE_CANCEL, "event_id": events.event_id()})
         self._held_channel, self.channel = self.channel, None  # events queue until a peer is back
@@ -281,6 +285,7 @@ class Call:
             return
         held_for = time.monotonic() - self.held_since
         self.held_since = None
+        self.playback.paused = False
         if self.channel is None and self._held_channel is not None and self._held_channel.readyState == "open":
             self.channel = self._held_channel  # the same peer came back (a short outage)
             self._flush_pending_page()
@@ -295,7 +300,8 @@ class Call:
         self.hold("re-attaching")
         self.held_since = time.monotonic()  # the new peer gets the whole grace to connect
         old_pc, old_codecs, old_channel = self.pc, (self.uplink, self.packer), self._held_channel
-        old_playback = self.playback
+        for transceiver in old_pc.getTransceivers():
+            transceiver.sender.replaceTrack(None)  # the old sender lets go of the call's playback track
         for task in list(self._peer_tasks):
             task.cancel()
         old_pc.remove_all_listeners()
@@ -305,7 +311,7 @@ class Call:
         self._new_peer()
         self.secret = secrets.token_urlsafe(24)  # the one just used is stale now
         self.reattaches += 1
-        closing = asyncio.get_running_loop().create_task(self._close_peer(old_pc, old_playback, old_codecs))
+        closing = asyncio.get_running_loop().create_task(self._close_peer(old_pc, old_codecs))
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
         answer = await self.accept(offer_sdp)
@@ -315,9 +321,7 @@ class Call:
         self.to_page(self._reconnect_event())
         return answer
 
-    async def _close_peer(self, pc: RTCPeerConnection, playback: PlaybackTrack, codecs) -> None:
-        playback.on_started = playback.on_stopped = None
-        playback.stop()
+    async def _close_peer(self, pc: RTCPeerConnection, codecs) -> None:
         try:
             await asyncio.wait_for(pc.close(), 5.0)
         except Exception as exc:  # a half-dead peer: nothing to keep of it

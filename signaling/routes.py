@@ -592,7 +592,9 @@ def _sum_counters(per_call) -> dict:
 
 
 async def page_config(request: web.Request) -> web.Response:
-    return web.json_response({"ice_servers": request.app[SETTINGS].ice_config()})
+    settings = request.app[SETTINGS]
+    return web.json_response({"ice_servers": settings.ice_config(), "opus_dtx": settings.opus_dtx,
+                              "reconnect_grace_seconds": settings.reconnect_grace})
 
 
 async def index(request: web.Request) -> web.FileResponse:
