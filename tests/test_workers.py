@@ -54,6 +54,16 @@ async def test_two_workers_share_the_port_and_any_worker_hangs_up_any_call(stub)
             for path in ("/healthz", "/metrics"):  # whichever worker answers, it speaks for the server
                 async with http.get(url + path) as r:
                     assert (await r.json())["active_calls"] == n
+        # re-attaching works whichever worker the new offer reaches (forwarded to the call's own);
+        # six of them all reaching the owner by chance has odds of 1 in 64
+        for i in range(6):
+            again = Caller(url)
+            await again.reattach(callers[i].call_id, callers[i].reconnect_secret)
+            assert again.call_id == callers[i].call_id and again.reconnect_secret != callers[i].reconnect_secret
+            await asyncio.wait_for(again.channel_open.wait(), 10)
+            await callers[i].close()
+            callers[i] = again
+        assert len(stub.sessions) == n  # the same upstream sessions
         # every hangup succeeds, including those that reach the other worker and are forwarded
         assert [await c.hangup() for c in callers] == [200] * n
         await eventually(lambda: all(s.ws.state.name == "CLOSED" for s in stub.sessions), what="upstreams closed")
