@@ -257,7 +257,8 @@ async function reconnect(why) {
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // The server sends audio all the time (silence included, unless it runs with DTX), so
-// 1.5 s without a packet means the path is gone: well before ICE says "disconnected".
+// 2 s without a packet (after packets had come) means the path is gone: well before ICE
+// says "disconnected".
 function watchInbound(pc) {
   if (bridge.config.opus_dtx) return;
   let last = -1, since = Date.now();
@@ -266,7 +267,7 @@ function watchInbound(pc) {
     let received = 0;
     (await pc.getStats()).forEach((r) => { if (r.type === "inbound-rtp" && r.kind === "audio") received = r.packetsReceived; });
     if (received !== last) { last = received; since = Date.now(); return; }
-    if (Date.now() - since > 1500) { clearInterval(timer); reconnect("no audio from the server for 1.5 s"); }
+    if (received > 0 && Date.now() - since > 2000) { clearInterval(timer); reconnect("no audio from the server for 2 s"); }
   }, 250);
 }
 
