@@ -195,13 +195,15 @@ function newPeer() {
   return pc;
 }
 
-// Offer `pc`'s SDP at `url`; the answer is applied by the caller.
-async function offer(pc, url, bearer) {
+// Offer `pc`'s SDP at `url`; the answer is applied by the caller. A request that takes
+// longer than `timeoutMs` is given up (after a network change it can hang on a dead path).
+async function offer(pc, url, bearer, timeoutMs = 30000) {
   await pc.setLocalDescription(await pc.createOffer());
   await iceGatheringDone(pc, 2000);
   const headers = { "Content-Type": "application/sdp" };
   if (bearer) headers.Authorization = `Bearer ${bearer}`;
-  const resp = await fetch(url, { method: "POST", headers, body: pc.localDescription.sdp });
+  const resp = await fetch(url, { method: "POST", headers, body: pc.localDescription.sdp,
+                                  signal: AbortSignal.timeout(timeoutMs) });
   const body = await resp.text();
   let message = body;
   try { message = JSON.parse(body).error.message; } catch (_) {}
@@ -228,7 +230,7 @@ async function reconnect(why) {
       const pc = newPeer();
       if (old) old.close();
       try {
-        const resp = await offer(pc, `/v1/realtime/calls/${bridge.callId}/reconnect`, bridge.secret);
+        const resp = await offer(pc, `/v1/realtime/calls/${bridge.callId}/reconnect`, bridge.secret, 3000);
         if (resp.status === 200) {
           await pc.setRemoteDescription({ type: "answer", sdp: resp.body });
           bridge.reconnects = (bridge.reconnects || 0) + 1;

@@ -225,6 +225,28 @@ class _UnsupportedType(Exception):
     pass
 
 
+async def _read_offer(request: web.Request) -> "tuple[str, Optional[dict[str, Any]], bool] | web.Response":
+    """The offer of a request (sdp, page session, reply as JSON?), checked; or the error reply."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            sdp, session, as_json = await _parse_offer(request)
+    except TimeoutError:
+        return _body_timeout()
+    except _TooLarge:
+        return error_response(413, "body_too_large", f"Request body exceeds {MAX_OFFER_BYTES} bytes.")
+    except _UnsupportedType as exc:
+        return error_response(415, "unsupported_media_type",
+                              f"Content-Type '{exc}' is not supported; send application/sdp, "
+                              "application/json or multipart/form-data.")
+    except _BadRequest as exc:
+        return error_response(400, exc.code, str(exc), param=exc.param)
+    try:
+        validate_offer(sdp)
+    except OfferError as exc:
+        return error_response(400, "invalid_offer", str(exc), param="sdp")
+    return sdp, session, as_json
+
+
 def _unauthorized(message: str) -> web.Response:
     return error_response(401, "invalid_api_key", message, headers={"WWW-Authenticate": "Bearer"})
 
@@ -256,23 +278,10 @@ async def create_call(request: web.Request) -> web.Response:
             reason, retry = limited
             return error_response(429, "rate_limited", f"Too many offers: {reason}; try again in {retry} s.",
                                   headers={"Retry-After": str(retry)})
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT_S):
-            sdp, page_session, as_json = await _parse_offer(request)
-    except TimeoutError:
-        return _body_timeout()
-    except _TooLarge:
-        return error_response(413, "body_too_large", f"Request body exceeds {MAX_OFFER_BYTES} bytes.")
-    except _UnsupportedType as exc:
-        return error_response(415, "unsupported_media_type",
-                              f"Content-Type '{exc}' is not supported; send application/sdp, "
-                              "application/json or multipart/form-data.")
-    except _BadRequest as exc:
-        return error_response(400, exc.code, str(exc), param=exc.param)
-    try:
-        validate_offer(sdp)
-    except OfferError as exc:
-        return error_response(400, "invalid_offer", str(exc), param="sdp")
+    offer = await _read_offer(request)
+    if isinstance(offer, web.Response):
+        return offer
+    sdp, page_session, as_json = offer
     overload = request.app[ADMISSION].overload() if ADMISSION in request.app else None
     if overload is not None:
         request.app[ADMISSION].refused += 1
@@ -350,23 +359,10 @@ async def reconnect(request: web.Request) -> web.Response:
                               "This call's reconnect secret is needed ('Authorization: Bearer <secret>', from the "
                               "X-Reconnect-Secret header or the latest call.reconnect_info event); it changes "
                               "after every re-attach.")
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT_S):
-            sdp, _session, as_json = await _parse_offer(request)
-    except TimeoutError:
-        return _body_timeout()
-    except _TooLarge:
-        return error_response(413, "body_too_large", f"Request body exceeds {MAX_OFFER_BYTES} bytes.")
-    except _UnsupportedType as exc:
-        return error_response(415, "unsupported_media_type",
-                              f"Content-Type '{exc}' is not supported; send application/sdp, "
-                              "application/json or multipart/form-data.")
-    except _BadRequest as exc:
-        return error_response(400, exc.code, str(exc), param=exc.param)
-    try:
-        validate_offer(sdp)
-    except OfferError as exc:
-        return error_response(400, "invalid_offer", str(exc), param="sdp")
+    offer = await _read_offer(request)
+    if isinstance(offer, web.Response):
+        return offer
+    sdp, _session, as_json = offer
     try:
         answer = await call.reattach(sdp)
     except CallEnded as exc:

@@ -50,7 +50,7 @@ async def stub() -> AsyncIterator[RealtimeStub]:
 async def start_bridge() -> AsyncIterator[Callable[..., "asyncio.Future[Bridge]"]]:
     runners: list[web.AppRunner] = []
 
-    async def start(upstream_url: str, **overrides: str) -> Bridge:
+    async def start(upstream_url: str, host: str = "127.0.0.1", **overrides: str) -> Bridge:
         raw = {"realtime_url": upstream_url, **overrides}
         settings = config.from_raw(raw)
         app = build_app(settings, settings.upstream_url())
@@ -60,10 +60,10 @@ async def start_bridge() -> AsyncIterator[Callable[..., "asyncio.Future[Bridge]"
         runner = web.AppRunner(app)
         await runner.setup()
         app[GUARD].attach(runner.server)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        await web.TCPSite(runner, host, 0).start()
         runners.append(runner)
         port = runner.addresses[0][1]
-        return Bridge(f"http://127.0.0.1:{port}", app, settings)
+        return Bridge(f"http://{host}:{port}", app, settings)
 
     yield start
     for runner in runners:

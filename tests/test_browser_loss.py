@@ -13,16 +13,11 @@ import asyncio
 import shutil
 
 import pytest
-from aiohttp import web
 
-import settings as config
 from harness.browser import answer_audio_lines, audio_stats, launch, start_call
 from harness.netns import LossyLink
 from harness.stub import RealtimeStub
 from media.audio import FRAME_BYTES
-from signaling.app import build_app
-from signaling.admission import NEVER
-from signaling.routes import ADMISSION, REGISTRY
 from harness.speech import speech_wav
 
 WHY_NOT = "needs Debian's chromium (./test.sh installs it)" if not shutil.which("chromium") else LossyLink.unavailable()
@@ -35,36 +30,28 @@ def link():
         yield lossy
 
 
-async def test_through_10_percent_loss_each_way_red_and_fec_are_sent_and_no_hole_reaches_the_model(link, tmp_path):
+async def test_through_10_percent_loss_each_way_red_and_fec_are_sent_and_no_hole_reaches_the_model(link, tmp_path,
+                                                                                                   start_bridge):
     from playwright.async_api import async_playwright
 
     mic = speech_wav("Hello there. What is the weather like today in London? I would like to know if it will rain "
                      "this afternoon, and whether I should take an umbrella.", tmp_path / "mic.wav", pad_s=0.3)
     async with RealtimeStub() as stub:
-        settings = config.from_raw({"realtime_url": stub.url})
-        app = build_app(settings, settings.upstream_url())
-        app[ADMISSION].thresholds = NEVER  # this loop runs the test too (see conftest)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, link.host_ip, 0).start()
-        url = f"http://{link.host_ip}:{runner.addresses[0][1]}"
-        try:
-            async with async_playwright() as p:
-                browser = await launch(p, mic, link=link, origin=url)
-                page = await start_call(browser, url)
-                session = await stub.wait_session()
-                link.set_loss(10, 10)
-                start = len(session.audio)
-                await stub.respond(session, freq=440, ms=9000)  # model audio the browser must hear
-                await asyncio.sleep(10)
-                stats = await audio_stats(page)
-                call = next(iter(app[REGISTRY].calls.values()))
-                up = call.uplink.stats
-                audio = bytes(session.audio[start:])
-                await browser.close()
-        finally:
-            await runner.cleanup()
-
+        bridge = await start_bridge(stub.url, host=link.host_ip)
+        url = bridge.url
+        async with async_playwright() as p:
+            browser = await launch(p, mic, link=link, origin=url)
+            page = await start_call(browser, url)
+            session = await stub.wait_session()
+            link.set_loss(10, 10)
+            start = len(session.audio)
+            await stub.respond(session, freq=440, ms=9000)  # model audio the browser must hear
+            await asyncio.sleep(10)
+            stats = await audio_stats(page)
+            call = next(iter(bridge.registry.calls.values()))
+            up = call.uplink.stats
+            audio = bytes(session.audio[start:])
+            await browser.close()
     audio_lines = answer_audio_lines(stats["answer"])
     m_line = audio_lines[0].split()
     assert m_line[3:5] == ["63", "111"], audio_lines  # RED first (Chrome sends RED only then), Opus next

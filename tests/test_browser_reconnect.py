@@ -9,16 +9,11 @@ import shutil
 import time
 
 import pytest
-from aiohttp import web
 
-import settings as config
 from harness.browser import launch, start_call
 from harness.netns import LossyLink
 from harness.speech import speech_wav
 from harness.stub import RealtimeStub
-from signaling.admission import NEVER
-from signaling.app import build_app
-from signaling.routes import ADMISSION, GUARD, REGISTRY
 
 WHY_NOT = "needs Debian's chromium (./test.sh installs it)" if not shutil.which("chromium") else LossyLink.unavailable()
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
@@ -36,48 +31,38 @@ async def _until(page, js: str, timeout_s: float) -> None:
         raise AssertionError(f"page never got to {js}: {seen}") from None
 
 
-async def test_the_page_re_attaches_after_its_link_drops_for_5_s_and_the_conversation_goes_on(tmp_path):
+async def test_the_page_re_attaches_after_its_link_drops_for_5_s_and_the_conversation_goes_on(tmp_path, start_bridge):
     from playwright.async_api import async_playwright
 
     mic = speech_wav("Hello there, can you hear me?", tmp_path / "mic.wav", pad_s=0.3)
     with LossyLink(name="rttestrec", subnet="10.206.0") as link:
         async with RealtimeStub() as stub:
-            settings = config.from_raw({"realtime_url": stub.url, "reconnect_grace": "20"})
-            app = build_app(settings, settings.upstream_url())
-            app[ADMISSION].thresholds = NEVER  # this loop runs the test too (see conftest)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            app[GUARD].attach(runner.server)
-            await web.TCPSite(runner, link.host_ip, 0).start()
-            url = f"http://{link.host_ip}:{runner.addresses[0][1]}"
-            try:
-                async with async_playwright() as p:
-                    browser = await launch(p, mic, link=link, origin=url)
-                    page = await start_call(browser, url)
-                    session = await stub.wait_session()
-                    await stub.respond(session, freq=440, ms=1500, text="First answer before the break.")
-                    await _until(page, "window.bridge.modelPeak > 0.01", 10)
-                    call = next(iter(app[REGISTRY].calls.values()))
+            bridge = await start_bridge(stub.url, host=link.host_ip, reconnect_grace="20")
+            url = bridge.url
+            async with async_playwright() as p:
+                browser = await launch(p, mic, link=link, origin=url)
+                page = await start_call(browser, url)
+                session = await stub.wait_session()
+                await stub.respond(session, freq=440, ms=1500, text="First answer before the break.")
+                await _until(page, "window.bridge.modelPeak > 0.01", 10)
+                call = next(iter(bridge.registry.calls.values()))
 
-                    link.set_loss(100, 100)  # the network goes: every UDP packet dropped, both ways
-                    await asyncio.sleep(2.5)
-                    link.readdress(7)  # and comes back as another network: the old ICE path is dead
-                    await asyncio.sleep(2.5)
-                    assert call.held_since is not None and call.reason is None  # held, not ended
-                    link.set_loss(0, 0)
-                    restored = time.monotonic()
-                    await _until(page, "window.bridge.state === 'connected' && window.bridge.reconnects >= 1", 20)
-                    await page.evaluate("window.bridge.modelPeak = 0")
-                    await stub.respond(session, freq=660, ms=1500, text="Second answer after the break.")
-                    await _until(page, "window.bridge.modelPeak > 0.01", 10)
-                    back_in = time.monotonic() - restored
-                    await _until(page, "[...document.querySelectorAll('.caption.assistant')].length >= 2", 10)
-                    captions = await page.evaluate(CAPTIONS_JS)
-                    await browser.close()
-            finally:
-                await runner.cleanup()
+                link.set_loss(100, 100)  # the network goes: every UDP packet dropped, both ways
+                await asyncio.sleep(2.5)
+                link.readdress(7)  # and comes back as another network: the old ICE path is dead
+                await asyncio.sleep(2.5)
+                assert call.held_since is not None and call.reason is None  # held, not ended
+                link.set_loss(0, 0)
+                restored = time.monotonic()
+                await _until(page, "window.bridge.state === 'connected' && window.bridge.reconnects >= 1", 20)
+                await page.evaluate("window.bridge.modelPeak = 0")
+                await stub.respond(session, freq=660, ms=1500, text="Second answer after the break.")
+                await _until(page, "window.bridge.modelPeak > 0.01", 10)
+                back_in = time.monotonic() - restored
+                await _until(page, "[...document.querySelectorAll('.caption.assistant')].length >= 2", 10)
+                captions = await page.evaluate(CAPTIONS_JS)
+                await browser.close()
     assert len(stub.sessions) == 1  # one upstream session throughout
     assert call.reattaches >= 1
     assert "First answer" in captions[0] and "Second answer" in captions[-1]  # in order
-    print(f"audio back {back_in:.2f} s after the network was restored")
     assert back_in < 15, back_in
