@@ -23,15 +23,16 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 WINDOW_S = 5.0
-#: A refusing process resumes below this share of each limit.
+#: A refusing process resumes once every signal has been below this share of its limit for SETTLE_S.
 RESUME = 0.85
+SETTLE_S = WINDOW_S
 
 
 @dataclass(frozen=True)
 class Thresholds:
     # Set from bench/admission.py: with a 0.9-core limit and no projection, twice the threshold
-    # offered raised admitted calls' downlink p50 by 61 % in one run; at 0.8 with the projection
-    # and RESUME it stayed within 1 % and the uplink p95 within a few ms (BENCHMARKS.md §8).
+    # offered raised admitted calls' downlink p50 by 61 % in one run; at 0.8 with the projection,
+    # RESUME and SETTLE_S it stayed within 1 % in the runs since (BENCHMARKS.md §8).
     # The lag limit stays at 25 ms: a few call set-ups in a row (each stalls the loop for some
     # milliseconds of key generation and ICE) put a 5 s p95 near 30 ms on an idle server.
     loop_lag_ms: float = 25.0  # p95 over WINDOW_S
@@ -71,8 +72,11 @@ class Admission:
 
     def __init__(self, loop_lag_p95: Callable[[], float], lateness_p95: Callable[[], float],
                  thresholds: Thresholds = Thresholds(), cpu: Optional[ProcessCpu] = None,
-                 active_calls: Optional[Callable[[], int]] = None) -> None:
+                 active_calls: Optional[Callable[[], int]] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._lag, self._late = loop_lag_p95, lateness_p95
+        self._clock = clock
+        self._calm_since: Optional[float] = None  # refusing, but every signal below RESUME since
         self.thresholds = thresholds
         self._cpu = cpu or ProcessCpu()
         self._active = active_calls
@@ -81,7 +85,7 @@ class Admission:
         self.refused = 0
 
     def admitted(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         self._admitted = [t for t in self._admitted if now - t < WINDOW_S]
         self._admitted.append(now)
 
@@ -89,21 +93,40 @@ class Admission:
         cores = self._cpu.cores()
         if self._active is None:
             return cores
-        now = time.monotonic()
+        now = self._clock()
         recent = sum(1 for t in self._admitted if now - t < WINDOW_S)
         active = self._active()
-        if recent == 0 or active <= recent:
+        if recent == 0 or active <= 0:
             return cores
-        return cores * active / (active - recent)
+        # the recent calls are only partly in the measured CPU: add them again at the average
+        # cost per call (scaling by active/(active-recent) instead once refused a 6th call
+        # during a one-a-second ramp, every call being "recent")
+        return cores * (1.0 + min(recent, active) / active)
 
     def overload(self) -> Optional[str]:
         """Why this process should take no new call now (None if it can). Once refusing, it
-        takes calls again only when every signal is below `RESUME` of its limit: around the
-        limit the signals wobble, and each call let in on a dip stalls the loop while it is set
-        up (measured: 6 calls admitted in 20 s of a 2x overload put the uplink p95 at 45 ms)."""
-        reason = self._check(RESUME if self._refusing else 1.0)
-        self._refusing = reason is not None
-        return reason
+        takes calls again only when every signal has stayed below `RESUME` of its limit for
+        SETTLE_S: around the limit the signals wobble, and each call let in on a dip adds its
+        load and stalls the loop while it is set up (measured: 6 calls admitted in 20 s of a 2x
+        overload put the uplink p95 at 45 ms; with RESUME alone one run still let 3 in and the
+        admitted calls' downlink latency rose 65 %)."""
+        if not self._refusing:
+            reason = self._check(1.0)
+            self._refusing = reason is not None
+            self._calm_since = None
+            return reason
+        reason = self._check(RESUME)
+        now = self._clock()
+        if reason is not None:
+            self._calm_since = None
+            return reason
+        if self._calm_since is None:
+            self._calm_since = now
+        if now - self._calm_since < SETTLE_S:
+            return (f"settling after overload: below {RESUME:.0%} of every limit for {now - self._calm_since:.1f} s "
+                    f"of the {SETTLE_S:g} s needed")
+        self._refusing, self._calm_since = False, None
+        return None
 
     def _check(self, factor: float) -> Optional[str]:
         t = self.thresholds

@@ -258,13 +258,14 @@ async def test_a_connection_that_never_sends_a_byte_is_closed(tmp_path):
 
 
 async def test_a_loaded_process_refuses_new_calls_with_503_and_says_not_ready(bridge, new_caller):
-    from signaling.admission import Admission
+    from signaling.admission import SETTLE_S, Admission
     from signaling.routes import ADMISSION
 
     status, _, body = await _request(bridge, "GET", "/readyz")
     assert status == 200 and json.loads(body)["ready"] is True
     lag = {"p99": 5.0}
-    bridge.app[ADMISSION] = Admission(lambda: lag["p99"], lambda: 0.0)
+    now = {"t": 0.0}
+    bridge.app[ADMISSION] = Admission(lambda: lag["p99"], lambda: 0.0, clock=lambda: now["t"])
     lag["p99"] = 120.0  # the event loop is waking 120 ms late: calls would stutter
     caller = new_caller(bridge.url)
     with pytest.raises(RuntimeError, match="offer refused: 503") as refused:
@@ -272,7 +273,10 @@ async def test_a_loaded_process_refuses_new_calls_with_503_and_says_not_ready(br
     assert "server_overloaded" in str(refused.value) and "event-loop lag" in str(refused.value)
     status, _, body = await _request(bridge, "GET", "/readyz")
     assert status == 503 and json.loads(body)["error"]["code"] == "not_ready"
-    lag["p99"] = 5.0  # load gone: calls are taken again
+    lag["p99"] = 5.0  # load gone: calls are taken again once it has stayed gone for SETTLE_S
+    status, _, body = await _request(bridge, "GET", "/readyz")
+    assert status == 503 and "settling" in json.loads(body)["error"]["message"]
+    now["t"] += SETTLE_S
     await new_caller(bridge.url).connect()
     assert len(bridge.registry.calls) == 1
 
@@ -299,22 +303,31 @@ def test_admission_counts_calls_admitted_too_recently_to_show_in_the_cpu():
     active = {"n": 30}
     admission = Admission(lambda: 1.0, lambda: 1.0, cpu=Steady(), active_calls=lambda: active["n"])
     assert admission.overload() is None  # 0.7 cores for 30 calls, none of them new
-    for _ in range(6):  # six calls in the last seconds: 0.7 measured is 24 calls' worth
+    for _ in range(6):  # six calls in the last seconds, only partly in the 0.7 measured
         admission.admitted()
     active["n"] = 30
-    assert abs(admission.projected_cores() - 0.875) < 1e-6
+    assert abs(admission.projected_cores() - 0.84) < 1e-6
     assert "counting the calls just admitted" in admission.overload()
 
 
-def test_a_refusing_process_takes_calls_again_only_well_below_the_limit():
-    from signaling.admission import RESUME, Admission
+def test_a_refusing_process_takes_calls_again_only_well_below_the_limit_and_after_settling():
+    from signaling.admission import RESUME, SETTLE_S, Admission
 
     lag = {"p95": 30.0}
-    admission = Admission(lambda: lag["p95"], lambda: 0.0)
+    now = {"t": 100.0}
+    admission = Admission(lambda: lag["p95"], lambda: 0.0, clock=lambda: now["t"])
     assert "event-loop lag" in admission.overload()  # over the 25 ms limit
     lag["p95"] = 24.0  # under the limit, but not by much: still refusing
-    assert admission.overload() is not None
+    assert "event-loop lag" in admission.overload()
+    lag["p95"] = 25.0 * RESUME - 0.5  # well below: it settles first
+    assert "settling" in admission.overload()
+    now["t"] += SETTLE_S / 2
+    assert "settling" in admission.overload()
+    lag["p95"] = 24.0  # a wobble back up restarts the settling
+    assert "event-loop lag" in admission.overload()
     lag["p95"] = 25.0 * RESUME - 0.5
+    assert "settling" in admission.overload()
+    now["t"] += SETTLE_S
     assert admission.overload() is None
     lag["p95"] = 24.0  # taking calls again: the full limit applies
     assert admission.overload() is None
