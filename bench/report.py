@@ -361,17 +361,18 @@ def browser_headline(b: dict) -> list[str]:
     return rows
 
 
-def _admission() -> dict | None:
+def _result(name: str) -> dict | None:
+    """A section's own result file (bench/results/<name>.json), if it has been run."""
     import json
 
-    path = RESULTS_DIR / "admission.json"
+    path = RESULTS_DIR / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
 def admission_section() -> list[str]:
     """Section 8, from bench/admission.py's own result file (a separate run)."""
     lines = ["## 8. Load-aware admission at twice its threshold, and silent connections", ""]
-    a = _admission()
+    a = _result("admission")
     if a is None:
         return lines + ["Not measured yet: run `python bench/admission.py`."]
     lines += [f"From `{a['command']}` on {a['date']}. One analysed probe call, then cheap full-duplex calls offered one a "
@@ -403,16 +404,9 @@ def admission_section() -> list[str]:
     return lines
 
 
-def _reconnect() -> dict | None:
-    import json
-
-    path = RESULTS_DIR / "reconnect.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def reconnect_section() -> list[str]:
     lines = ["## 9. A network change: how soon audio flows again", ""]
-    r = _reconnect()
+    r = _result("reconnect")
     if r is None or "skipped" in r:
         return lines + [f"Not measured: {(r or {}).get('skipped', 'run `sudo python bench/reconnect.py`')}."]
     lines += [f"From `{r['command']}` on {r['date']}. Chromium (the bundled page) in a network namespace; each of "
@@ -429,7 +423,7 @@ def reconnect_section() -> list[str]:
 
 
 def admission_headline() -> list[str]:
-    a = _admission()
+    a = _result("admission")
     if a is None:
         return []
     on, off = a["admission"], a["no_admission"]
@@ -481,7 +475,7 @@ def update_readme(r: dict) -> None:
     admission = admission_headline()
     if admission:
         rows += ["", *admission]
-    rec = _reconnect()
+    rec = _result("reconnect")
     if rec and "skipped" not in rec:
         rows += ["", f"A network change (`bench/reconnect.py`, BENCHMARKS.md §9): with the page's UDP cut for "
                  f"{rec['outage_s']:g} s and its address changed, audio flows again {rec['uplink_s']['p50']} s (p50; p95 "

@@ -342,14 +342,11 @@ async def reconnect(request: web.Request) -> web.Response:
     """A new peer for a live call (the caller's network changed): authorised by the call's
     reconnect secret, answered like an offer; the conversation carries on."""
     registry = request.app[REGISTRY]
-    call_id = request.match_info["call_id"]
-    if not CALL_ID.fullmatch(call_id):
-        return error_response(404, "call_not_found", "No active call with that id.", param="call_id")
-    call = registry.calls.get(call_id)
-    owner = registry.workers.owner(call_id)
-    if call is None and owner is not None and owner != registry.workers.index:
-        return await _forward(registry.workers.internal_ports[owner], request, "reconnect")
-    if call is None or call.reason is not None:
+    found = await _call_of(request, "reconnect")
+    if isinstance(found, web.Response):
+        return found
+    call, call_id = found, request.match_info["call_id"]
+    if call.reason is not None:
         return error_response(404, "call_not_found", f"No active call with id '{call_id}'.", param="call_id")
     if registry.draining:
         return _shutting_down()
@@ -412,6 +409,18 @@ async def client_secret(request: web.Request) -> web.Response:
 
 
 async def hangup(request: web.Request) -> web.Response:
+    found = await _call_of(request, "hangup")
+    if isinstance(found, web.Response):
+        return found
+    call, call_id = found, request.match_info["call_id"]
+    call.end("hung up by the client", tell_page=False)
+    await call.wait_closed()
+    return web.json_response({"id": call_id, "status": "ended"})
+
+
+async def _call_of(request: web.Request, action: str) -> "Call | web.Response":
+    """The call a per-call route names, held by this process; or the answer: a 404, or the
+    reply of the worker that holds it (the request forwarded there as `action`)."""
     registry = request.app[REGISTRY]
     call_id = request.match_info["call_id"]
     if not CALL_ID.fullmatch(call_id):
@@ -419,12 +428,10 @@ async def hangup(request: web.Request) -> web.Response:
     call = registry.calls.get(call_id)
     owner = registry.workers.owner(call_id)
     if call is None and owner is not None and owner != registry.workers.index:
-        return await _forward(registry.workers.internal_ports[owner], request, "hangup")
+        return await _forward(registry.workers.internal_ports[owner], request, action)
     if call is None:
         return error_response(404, "call_not_found", f"No active call with id '{call_id}'.", param="call_id")
-    call.end("hung up by the client", tell_page=False)
-    await call.wait_closed()
-    return web.json_response({"id": call_id, "status": "ended"})
+    return call
 
 
 async def _forward(port: int, request: web.Request, action: str) -> web.Response:
