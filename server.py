@@ -73,10 +73,12 @@ async def serve(settings: config.Settings, ready: Optional[asyncio.Event] = None
                                          settings.local_responder)
     app = build_app(settings, settings.upstream_url(local_url), workers)
     if local_url:
-        from localrt.server import SPEAKER, STT_POOL, add_local_routes
+        from control.routes import LOCAL_REALTIME
+        from localrt.server import SPEAKER, STT_POOL, add_local_routes, realtime_ws
 
-        # also offered to outside clients at /v1/realtime
-        add_local_routes(app, settings, local_app[STT_POOL], local_app[SPEAKER])
+        # also offered to outside clients at /v1/realtime (with ?call_id=, that path is the sideband)
+        add_local_routes(app, settings, local_app[STT_POOL], local_app[SPEAKER], route=False)
+        app[LOCAL_REALTIME] = realtime_ws
     # A connection that sends nothing is closed after IDLE_TIMEOUT_S (aiohttp's default is an hour:
     # 20,000 silent connections once ran the process out of file descriptors).
     runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=IDLE_TIMEOUT_S)
@@ -168,7 +170,7 @@ def run_workers(settings: config.Settings) -> int:
 
 def main() -> None:
     settings = config.load_or_exit()
-    redaction.configure(settings.api_key, settings.auth_token)  # before the first log line
+    redaction.configure(*settings.secrets())  # before the first log line
     configure_logging(settings.log_level)
     # `kill -USR1 <pid>` prints every thread's stack to stderr: for a stuck server in production.
     faulthandler.register(signal.SIGUSR1, all_threads=True)

@@ -43,6 +43,11 @@ DEFAULT_SESSION_FIELDS = (
     "max_output_tokens",
 )
 
+#: What the operator's sideband may send (everything but the caller's own audio). Its
+#: session.update may change every field but the audio formats and the model.
+DEFAULT_SIDEBAND_EVENTS = DEFAULT_CLIENT_EVENTS + ("input_audio_buffer.commit",)
+SIDEBAND_SESSION_FIELDS = DEFAULT_SESSION_FIELDS + ("tracing", "truncation", "prompt", "include")
+
 
 class ConfigError(Exception):
     """A setting is missing or invalid; the message is one line for the operator."""
@@ -95,6 +100,14 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     client_events: tuple[str, ...] = DEFAULT_CLIENT_EVENTS
     session_fields: tuple[str, ...] = DEFAULT_SESSION_FIELDS
+    records_db: str = "data/records.db"
+    record_audio: Optional[str] = None
+    tools_config: Optional[str] = None
+    tools: Any = field(default=None, repr=False)  # control.tools.ToolSet, read from tools_config
+    webhook_url: Optional[str] = field(default=None, repr=False)
+    webhook_secret: Optional[str] = field(default=None, repr=False)
+    operator_on_loopback: bool = False
+    sideband_client_events: tuple[str, ...] = DEFAULT_SIDEBAND_EVENTS
     local_responder: str = "echo"
     local_llm_model: str = "llama3.2"
     local_stt_model: str = ""
@@ -125,6 +138,11 @@ class Settings:
             return 0.0
         host = urlsplit(self.realtime_url or OPENAI_REALTIME_URL).hostname or ""
         return 3300.0 if host == "api.openai.com" or host.endswith((".azure.com", ".azure.us", ".azure.cn")) else 0.0
+
+    def secrets(self) -> list[Optional[str]]:
+        """Everything that must never reach a page, a log line or an error message."""
+        extra = self.tools.secrets() if self.tools else []
+        return [self.api_key, self.auth_token, self.webhook_url, self.webhook_secret, *extra]
 
     def upstream_headers(self) -> dict[str, str]:
         """Auth header for the upstream; the key never goes anywhere else."""
@@ -161,7 +179,7 @@ class Settings:
         }
         if self.transcription_model != "none":
             audio_in["transcription"] = {"model": self.transcription_model}
-        return {
+        session: dict[str, Any] = {
             "type": "realtime",
             "model": self.model,
             "instructions": self.instructions,
@@ -171,6 +189,9 @@ class Settings:
                 "output": {"format": {"type": "audio/pcm", "rate": 24000}, "voice": self.voice},
             },
         }
+        if self.tools:
+            session["tools"] = self.tools.definitions()
+        return session
 
     def ice_config(self) -> list[dict[str, Any]]:
         """ICE servers in the browser's RTCIceServer shape (for the page)."""
@@ -258,6 +279,13 @@ def _browser_bitrate(v: str) -> int:
     return n
 
 
+def _http_url(v: str) -> str:
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL")
+    return v
+
+
 def _csv(v: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in v.split(",") if x.strip())
 
@@ -330,6 +358,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("cors_origins", ("CORS_ORIGINS",), _csv, "comma-separated origins allowed to call the API from other sites ('*' for any; default: same origin only)"),
     Option("client_events", ("ALLOWED_CLIENT_EVENTS",), _csv, "client event types the page may send upstream"),
     Option("session_fields", ("ALLOWED_SESSION_FIELDS",), _csv, "dotted session fields a page's session.update may change"),
+    Option("records_db", ("RECORDS_DB",), str, "SQLite file for call records and the webhook outbox (GET /v1/realtime/calls/{id}); 'none' keeps no records"),
+    Option("record_audio", ("RECORD_AUDIO",), str, "folder for each call's audio as one stereo Ogg/Opus file (caller left, model right as heard, aligned in time); unset: no recording"),
+    Option("tools_config", ("TOOLS_CONFIG",), str, "TOML or YAML file of function tools the bridge runs itself (HTTP endpoints, headers with secrets, timeouts); checked at start"),
+    Option("webhook_url", ("WEBHOOK_URL",), _http_url, "after each call, POST its record here (Standard Webhooks signature; retried with backoff, kept across restarts)", secret=True),
+    Option("webhook_secret", ("WEBHOOK_SECRET",), str, "the webhook signing secret, whsec_<base64> (Standard Webhooks)", secret=True),
+    Option("operator_on_loopback", ("OPERATOR_ON_LOOPBACK",), _bool, "with no BRIDGE_AUTH_TOKEN, let loopback clients use the operator routes (sideband, call records); never behind a proxy on the same host"),
+    Option("sideband_client_events", ("SIDEBAND_CLIENT_EVENTS",), _csv, "client event types an operator's sideband connection may send"),
     Option("local_responder", ("LOCAL_RESPONDER",), str, "local backend's responder: 'echo' or an OpenAI-compatible chat-completions base URL (e.g. http://127.0.0.1:11434/v1)"),
     Option("local_llm_model", ("LOCAL_LLM_MODEL",), str, "model name sent to that chat-completions server"),
     Option("local_stt_model", ("LOCAL_STT_MODEL",), str, "local backend's speech recogniser: a faster-whisper model directory (or a model name in faster-whisper's cache; default: the bundled Whisper tiny.en), or 'pocketsphinx'"),
@@ -413,6 +448,23 @@ def from_raw(raw: dict[str, str]) -> Settings:
     values["ice_servers"] = tuple(
         IceServer(u, user if u.startswith("turn") else None, cred if u.startswith("turn") else None) for u in ice_urls
     )
+    if values.get("tools_config"):
+        from control.tools import ToolsError, load_tools
+
+        try:
+            values["tools"] = load_tools(values["tools_config"])
+        except ToolsError as exc:
+            raise ConfigError(f"--tools-config (TOOLS_CONFIG): {exc}") from None
+    secret = values.get("webhook_secret")
+    if values.get("webhook_url") and not secret:
+        raise ConfigError("--webhook-url (WEBHOOK_URL) needs WEBHOOK_SECRET (whsec_<base64>) to sign deliveries")
+    if secret:
+        from control.webhooks import SecretError, signing_key
+
+        try:
+            signing_key(secret)
+        except SecretError as exc:
+            raise ConfigError(f"--webhook-secret (WEBHOOK_SECRET): {exc}") from None
     if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
         raise ConfigError("--tls-cert and --tls-key go together")
     if values.get("realtime_url", "").startswith("wss://api.openai.com") and not values.get("api_key"):

@@ -182,7 +182,7 @@ async def idle_connections(up: InstantUpstream, count: int, cap: int) -> dict:
                 async with http.get(srv.url + "/healthz", timeout=aiohttp.ClientTimeout(total=10)) as r:
                     assert r.status == 200
                 health_ms.append((time.monotonic() - t) * 1000)
-            async with http.get(srv.url + "/metrics") as r:
+            async with http.get(srv.url + "/metrics.json") as r:
                 conns = (await r.json())["http_connections"]
         fds = srv.stats.fds()
         call, refused = await _offer(srv, up)

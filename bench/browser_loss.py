@@ -147,7 +147,7 @@ def _median(values: list[float], digits: int = 2) -> Optional[float]:
 
 async def _metrics(url: str) -> dict:
     async with aiohttp.ClientSession() as http:
-        async with http.get(f"{url}/metrics?since=300") as r:
+        async with http.get(f"{url}/metrics.json?since=300") as r:
             return await r.json()
 
 

@@ -111,7 +111,7 @@ class Server:
 
     async def metrics(self, since: float = 60) -> dict:
         async with aiohttp.ClientSession() as http:
-            async with http.get(f"{self.url}/metrics?since={since}") as r:
+            async with http.get(f"{self.url}/metrics.json?since={since}") as r:
                 return await r.json()
 
     def stop(self) -> None:

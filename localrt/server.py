@@ -73,13 +73,17 @@ async def realtime_ws(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-def add_local_routes(app: web.Application, settings: Settings, pool: STTPool, speaker: Speaker) -> None:
-    """Serve the backend at /v1/realtime of `app`, sharing the models (owned by the local app)."""
+def add_local_routes(app: web.Application, settings: Settings, pool: STTPool, speaker: Speaker, *,
+                     route: bool = True) -> None:
+    """Serve the backend at /v1/realtime of `app`, sharing the models (owned by the local app).
+    `route=False`: the app routes /v1/realtime itself (the bridge: `?call_id=` is its sideband)
+    and hands other requests to `realtime_ws`."""
     app[SESSIONS] = set()
     app[LOCAL_SETTINGS] = settings
     app[STT_POOL] = pool
     app[SPEAKER] = speaker
-    app.router.add_get("/v1/realtime", realtime_ws)
+    if route:
+        app.router.add_get("/v1/realtime", realtime_ws)
 
 
 def build_local_app(settings: Settings, workers: Optional[int] = None) -> web.Application:

@@ -41,6 +41,7 @@ from .pagefit import fit_for_page
 from .policy import ClientEventPolicy
 from . import sctpcap
 from .conversation import Action, Conversation, Cut, EndOfAudio, FlushPlayback, Forget, Play, ToPage, ToUpstream
+from control.records import CallRecord
 from .redaction import redact
 from .upstream import RETRYABLE_CLOSE_CODES, UpstreamError, UpstreamSession
 
@@ -133,6 +134,17 @@ class Call:
         self.upstream_parked = False
         self.on_connected: Optional[Callable[["Call"], None]] = None
         self._upstream_tasks: list[asyncio.Task] = []
+        #: what happened, kept after the call (control/records.py)
+        self.record = CallRecord(call_id)
+        self._flush_cause = "speech"  # why playback is being flushed (for the record)
+        #: operator connections onto this call (control/sideband.py): each gets every server event
+        self.sidebands: set = set()
+        #: the bridge's own tools (control/tools.py), set by the registry
+        self.tools = None
+        self.session: Optional[dict] = None  # the session as the upstream last described it
+        self.recorder = None  # control.recording.Recorder, with RECORD_AUDIO
+        self.observe: Callable[[str, float], None] = lambda what, seconds: None  # metrics' histograms
+        self._turn_ended_at: Optional[float] = None  # the caller's last speech_stopped, until the reply's audio
 
     # -- setup ---------------------------------------------------------------------
 
@@ -230,7 +242,9 @@ class Call:
         Run alongside `accept()`, so a refusing upstream becomes a precise HTTP
         error instead of a call that connects and then dies.
         """
+        started = time.monotonic()
         await self.upstream.connect(events.session_update(self.settings.session_config()))
+        self.observe("upstream_connect", time.monotonic() - started)
 
     def send_setup(self, event: Event) -> None:
         """A session.update that belongs to the call's set-up (the key's or the offer's session):
@@ -272,6 +286,7 @@ class Call:
         if last is not None:
             # the caller has heard nothing since its network went (about when its packets stopped)
             self._unheard_ms = int(max(0.0, self.held_since - last) * 1000)
+        self._flush_cause = "network_lost"
         self.barge_in()
         self.playback.paused = True  # what comes meanwhile (a new response) waits for the caller
         if active:
@@ -399,6 +414,10 @@ class Call:
                 pb.frames, pb.audio_frames, pb.late_frames, pb.reanchors, self._downlink_summary(),
                 self.upstream.sent_events, self.upstream.received_events,
             )
+            self.record.finish(self.reason or "ended", self.audio_counters(), handoffs=self.handoffs,
+                               reattaches=self.reattaches)
+            for sideband in list(self.sidebands):
+                sideband.call_ended(self.reason or "ended")
             self.closed.set()
             if self._on_closed:
                 self._on_closed(self)
@@ -529,6 +548,7 @@ class Call:
             return
         if state == "connected" and self.connected_at is None:
             self.connected_at = time.monotonic()
+            self.record.connected()
             logger.info("call %s connected in %.0f ms", self.id, (self.connected_at - self.created_at) * 1000)
             if self.upstream_parked and self.reason is None:
                 self._spawn(self._resume_upstream(), "upstream-resume")
@@ -726,15 +746,26 @@ class Call:
         for err in verdict.errors:
             self.to_page(err)
         if verdict.forward is not None:
-            self.execute(self.conversation.from_page(verdict.forward))
+            self.from_client(verdict.forward, "page")
+
+    def from_client(self, event: Event, source: str) -> None:
+        """A client event that passed its policy (the page's, or a sideband's operator policy)."""
+        if event.get("type") == Client.OUTPUT_AUDIO_CLEAR:
+            self._flush_cause = f"{source}_clear"
+        self.execute(self.conversation.from_page(event))
 
     def execute(self, actions: list[Action]) -> None:
         """Carry out what the conversation core decided, in order."""
         for action in actions:
             if isinstance(action, ToUpstream):
-                if action.event.get("type") == Client.SESSION_UPDATE and len(self._session_updates) < 100:
-                    self._session_updates.append(action.event)
-                self.upstream.send(action.event)
+                event = action.event
+                if event.get("type") == Client.SESSION_UPDATE:
+                    if self.tools is not None:
+                        event = self.tools.with_server_tools(event)
+                    if len(self._session_updates) < 100:
+                        self._session_updates.append(event)
+                self.record.client_event(event)
+                self.upstream.send(event)
             elif isinstance(action, ToPage):
                 self.to_page(action.event)
             elif isinstance(action, Play):
@@ -746,9 +777,20 @@ class Call:
                 cut = [Cut(p.item_id, max(0, p.audio_end_ms - (self._unheard_ms if p.item_id == playing else 0)))
                        for p in self.playback.flush()]
                 self._unheard_ms = 0
+                if cut:
+                    self.record.barge_in(self._flush_cause, [(c.item_id, c.audio_end_ms) for c in cut])
+                self._flush_cause = "speech"
                 self.execute(self.conversation.flushed(cut))
             elif isinstance(action, Forget):
                 self.playback.forget(action.item_id)
+
+    def send_upstream(self, event: Event) -> None:
+        """An event of the bridge's own (a tool's output, a response.create) for the upstream."""
+        self.execute([ToUpstream(event)])
+
+    def spawn_task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task:
+        """A task that lives as long as the call (cancelled at its end; a failure ends it)."""
+        return self._spawn(coro, name)
 
     def _on_oversized_page_message(self, size: int) -> None:
         self.to_page(events.error(
@@ -762,6 +804,9 @@ class Call:
     def to_page(self, event: Event) -> None:
         """Send an event to the page: secrets masked, split or cut to the page's message
         limit (never an error that ends the call), held until its channel opens."""
+        if event.get("type") != "call.reconnect_info":  # the page's own secret
+            for sideband in self.sidebands:
+                sideband.event(event)
         limit = self._page_limit()
         message = redact(events.dumps(event))
         messages = [message]
@@ -804,6 +849,17 @@ class Call:
                 logger.warning("call %s: upstream %s event dropped: %s (%d malformed so far)", self.id, kind,
                                problem, self.malformed_upstream_events)
             return
+        self.record.upstream_event(event)
+        if kind in (Server.SESSION_CREATED, Server.SESSION_UPDATED) and isinstance(event.get("session"), dict):
+            self.session = event["session"]
+        if kind == Server.OUTPUT_AUDIO_DELTA:
+            for sideband in self.sidebands:
+                sideband.audio(event)
+            if self._turn_ended_at is not None:
+                self.observe("response_latency", time.monotonic() - self._turn_ended_at)
+                self._turn_ended_at = None
+        elif kind == Server.SPEECH_STOPPED:
+            self._turn_ended_at = time.monotonic()
         if self._replay is not None and self._filter_replay(event):
             return
         if kind in (Server.ITEM_ADDED, Server.ITEM_DONE) and (event.get("item") or {}).get("id") in self._replayed_ids:
@@ -811,6 +867,8 @@ class Call:
         if kind == Server.ERROR:
             err = event.get("error") or {}
             logger.warning("call %s: upstream error %s: %s", self.id, err.get("code"), redact(str(err.get("message"))))
+        if self.tools is not None:
+            self.tools.on_upstream_event(event)
         self.execute(self.conversation.from_upstream(event))
 
     def barge_in(self) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from control import plane as control_plane
+from control.routes import add_control_routes
 from realtime import redaction
 from settings import Settings
 
 from .cors import Cors
-from . import metrics
+from . import metrics, prom
 from .errors import error_middleware
 from .auth import KeyRing
 from .guard import ConnectionGuard, connection_cap, raise_fd_limit
@@ -17,7 +19,7 @@ from .routes import ADMISSION, GUARD, KEYS, REGISTRY, SETTINGS, CallRegistry, Wo
 
 
 def build_app(settings: Settings, upstream_url: str, workers: Workers = Workers()) -> web.Application:
-    redaction.configure(settings.api_key, settings.auth_token)
+    redaction.configure(*settings.secrets())
     # Request bodies are never decompressed for us: a body that does not inflate would fail
     # inside aiohttp, after our answer, and reset the connection. Compressed bodies get a 415.
     guard = ConnectionGuard(connection_cap(settings.max_connections, settings.max_calls, raise_fd_limit()))
@@ -28,7 +30,9 @@ def build_app(settings: Settings, upstream_url: str, workers: Workers = Workers(
     app[REGISTRY] = CallRegistry(settings, upstream_url, workers)
     app[KEYS] = KeyRing(settings.auth_token)
     add_routes(app)
-    metrics.install(app)
+    add_control_routes(app)
+    app[REGISTRY].plane = control_plane.install(app, settings)
+    metrics.install(app, prom.install(app, app[REGISTRY]))
     registry = app[REGISTRY]
     app[ADMISSION] = Admission(
         lambda: app[metrics.LOOP_LAG].summary(WINDOW_S)["p95"] if metrics.LOOP_LAG in app else 0.0,

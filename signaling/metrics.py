@@ -1,6 +1,6 @@
 """Process metrics: event-loop lag, per-call audio health, process resources.
 
-GET /metrics answers JSON. Overload shows here before users hear it: loop lag
+GET /metrics.json answers JSON (GET /metrics is Prometheus' text: signaling/prom.py). Overload shows here before users hear it: loop lag
 p99 rising, playback frames late, mic frames lost.
 """
 
@@ -20,15 +20,19 @@ INTERVAL_S = 0.05
 class LoopLagMonitor:
     """How late the event loop wakes a 50 ms timer: the stall every call feels."""
 
-    def __init__(self, window: int = 6000) -> None:
+    def __init__(self, window: int = 6000, observe=None) -> None:
         self.samples: deque[tuple[float, float]] = deque(maxlen=window)  # (monotonic, lag ms)
         self._task: asyncio.Task | None = None
+        self._observe = observe  # (what, seconds): the Prometheus histogram
 
     async def _run(self) -> None:
         while True:
             start = time.perf_counter()
             await asyncio.sleep(INTERVAL_S)
-            self.samples.append((time.monotonic(), max(0.0, (time.perf_counter() - start - INTERVAL_S) * 1000)))
+            lag = max(0.0, time.perf_counter() - start - INTERVAL_S)
+            self.samples.append((time.monotonic(), lag * 1000))
+            if self._observe is not None:
+                self._observe("loop_lag", lag)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -69,9 +73,9 @@ def process_stats() -> dict:
 LOOP_LAG = web.AppKey("loop_lag", LoopLagMonitor)
 
 
-def install(app: web.Application) -> None:
+def install(app: web.Application, prom=None) -> None:
     async def lifecycle(app: web.Application):
-        app[LOOP_LAG] = LoopLagMonitor()
+        app[LOOP_LAG] = LoopLagMonitor(observe=prom.observe if prom is not None else None)
         app[LOOP_LAG].start()
         yield
         await app[LOOP_LAG].stop()

@@ -83,6 +83,10 @@ class CallRegistry:
         self.limits = OfferLimits(settings.offers_per_minute, settings.pending_offers_per_address)
         self._pending: dict[str, str] = {}  # call id → address, until the call connects or ends
         self.draining = False  # SIGTERM: no new calls, offers in flight refused
+        self.plane = None  # control.plane.ControlPlane: records, tools, recording
+        self.metrics = None  # signaling.prom.BridgeMetrics
+        self.refused_full = 0
+        self.refused_overloaded = 0
 
     @property
     def full(self) -> bool:
@@ -104,7 +108,16 @@ class CallRegistry:
             call.on_connected = self._settle
         self.calls[call_id] = call
         self.total += 1
+        if self.plane is not None:
+            self.plane.call_created(call)
+        if self.metrics is not None:
+            call.observe = self.metrics.observe
         return call
+
+    def refusals(self) -> dict[str, int]:
+        """Offers refused before a call was made, by why."""
+        return {"rate_limited": self.limits.refused_rate, "pending_limit": self.limits.refused_pending,
+                "too_many_calls": self.refused_full, "overloaded": self.refused_overloaded}
 
     def _settle(self, call: Call) -> None:
         address = self._pending.pop(call.id, None)
@@ -113,6 +126,10 @@ class CallRegistry:
 
     def _closed(self, call: Call) -> None:
         self._settle(call)
+        if self.plane is not None:
+            self.plane.call_closed(call)
+        if self.metrics is not None:
+            self.metrics.call_ended(call)
         if self.calls.pop(call.id, None) is not None:
             self.slots.give()
 
@@ -285,6 +302,7 @@ async def create_call(request: web.Request) -> web.Response:
     overload = request.app[ADMISSION].overload() if ADMISSION in request.app else None
     if overload is not None:
         request.app[ADMISSION].refused += 1
+        registry.refused_overloaded += 1
         return error_response(503, "server_overloaded",
                               f"The server is too loaded to take another call ({overload}); try again shortly.",
                               headers={"Retry-After": "2"})
@@ -292,6 +310,7 @@ async def create_call(request: web.Request) -> web.Response:
     if call is not None and ADMISSION in request.app:
         request.app[ADMISSION].admitted()
     if call is None:
+        registry.refused_full += 1
         return error_response(503, "too_many_calls",
                               f"The server is at its limit of {registry.settings.max_calls} concurrent calls; try again later.",
                               headers={"Retry-After": "5"})
@@ -434,10 +453,12 @@ async def _call_of(request: web.Request, action: str) -> "Call | web.Response":
     return call
 
 
-async def _forward(port: int, request: web.Request, action: str) -> web.Response:
+async def _forward(port: int, request: web.Request, action: str, query: str = "") -> web.Response:
     """The call lives in another worker process: pass the request on to it, over loopback
-    (the id is well-formed: `Workers.owner` checked it)."""
+    (the id is well-formed: `Workers.owner` checked it). `action`: the path after the
+    call's own ('' for the call itself)."""
     call_id = request.match_info["call_id"]
+    path = f"/v1/realtime/calls/{call_id}" + (f"/{action}" if action else "") + (f"?{query}" if query else "")
     headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
     try:
         async with asyncio.timeout(BODY_TIMEOUT_S):
@@ -446,8 +467,8 @@ async def _forward(port: int, request: web.Request, action: str) -> web.Response
         return error_response(400, "invalid_body", "The request body could not be read.")
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
-            async with http.post(f"http://127.0.0.1:{port}/v1/realtime/calls/{call_id}/{action}",
-                                 data=body, headers=headers) as r:
+            async with http.request(request.method, f"http://127.0.0.1:{port}{path}", data=body,
+                                    headers=headers) as r:
                 passed = {k: v for k, v in r.headers.items() if k in ("Location", "X-Reconnect-Secret", "Retry-After")}
                 return web.Response(status=r.status, body=await r.read(), headers=passed,
                                     content_type=r.content_type)
@@ -455,7 +476,7 @@ async def _forward(port: int, request: web.Request, action: str) -> web.Response
         return error_response(503, "worker_unavailable", "The worker holding this call did not answer.")
 
 
-async def _siblings(request: web.Request, path: str) -> list[dict]:
+async def _siblings(request: web.Request, path: str, *, text: bool = False) -> list:
     """The same report from every other worker process (over loopback), for a whole-server view."""
     workers = request.app[REGISTRY].workers
     if workers.count == 1 or "local" in request.query:
@@ -464,9 +485,9 @@ async def _siblings(request: web.Request, path: str) -> list[dict]:
     urls = [f"http://127.0.0.1:{port}{path}?{query}"
             for i, port in enumerate(workers.internal_ports) if i != workers.index]
 
-    async def one(http: aiohttp.ClientSession, url: str) -> dict:
+    async def one(http: aiohttp.ClientSession, url: str):
         async with http.get(url) as r:
-            return await r.json()
+            return await r.text() if text else await r.json()
 
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
@@ -549,10 +570,18 @@ def _since(request: web.Request) -> float:
         return 60.0
 
 
-async def metrics(request: web.Request) -> web.Response:
+async def metrics_json(request: web.Request) -> web.Response:
     """Server health as JSON; `?since=SECONDS` sets the loop-lag window (default 60). With
     several workers, counts add up and percentiles are the worst worker's."""
-    return web.json_response(_combine([_metrics(request), *await _siblings(request, "/metrics")]))
+    return web.json_response(_combine([_metrics(request), *await _siblings(request, "/metrics.json")]))
+
+
+async def metrics_prometheus(request: web.Request) -> web.Response:
+    """Prometheus' text format (signaling/prom.py), every worker's samples in one page."""
+    from .prom import CONTENT_TYPE, PROM
+
+    siblings = await _siblings(request, "/metrics", text=True)
+    return web.Response(body=request.app[PROM].exposition(siblings), headers={"Content-Type": CONTENT_TYPE})
 
 
 def _metrics(request: web.Request) -> dict:
@@ -623,7 +652,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/realtime/client_secrets", client_secret)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics_prometheus)
+    app.router.add_get("/metrics.json", metrics_json)
     app.router.add_get("/config.json", page_config)
     app.router.add_get("/", index)
     app.router.add_get("/client/{name}", client_file)

@@ -47,11 +47,11 @@ async def stub() -> AsyncIterator[RealtimeStub]:
 
 
 @pytest.fixture
-async def start_bridge() -> AsyncIterator[Callable[..., "asyncio.Future[Bridge]"]]:
+async def start_bridge(tmp_path) -> AsyncIterator[Callable[..., "asyncio.Future[Bridge]"]]:
     runners: list[web.AppRunner] = []
 
     async def start(upstream_url: str, host: str = "127.0.0.1", **overrides: str) -> Bridge:
-        raw = {"realtime_url": upstream_url, **overrides}
+        raw = {"realtime_url": upstream_url, "records_db": str(tmp_path / "records.db"), **overrides}
         settings = config.from_raw(raw)
         app = build_app(settings, settings.upstream_url())
         # This loop also runs the test's callers, speech synthesis and checks: its lag is not a

@@ -24,7 +24,7 @@ from tests.conftest import connected_call
 SEED = 20261201
 SECRET = "sk-fuzz-0123456789abcdefSECRETKEYxyz"
 PATHS = ["/v1/realtime/calls", "/v1/realtime/calls/{id}/hangup", "/v1/realtime/client_secrets", "/healthz",
-         "/metrics?since={x}", "/config.json", "/client/{x}", "/", "/{x}", "/v1/realtime/calls/{id}"]
+         "/metrics?since={x}", "/metrics.json?since={x}", "/config.json", "/client/{x}", "/", "/{x}", "/v1/realtime/calls/{id}"]
 CTYPES = ["application/sdp", "application/json", "multipart/form-data; boundary={x}", "text/plain", None,
           "application/x-www-form-urlencoded", "{x}/{x}"]
 

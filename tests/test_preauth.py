@@ -55,7 +55,7 @@ async def test_silent_connections_past_the_cap_make_room_and_a_real_request_stil
             assert r.status == 200
     assert time.monotonic() - started < 1.0
     async with aiohttp.ClientSession() as http:
-        async with http.get(bridge.url + "/metrics") as r:
+        async with http.get(bridge.url + "/metrics.json") as r:
             stats = (await r.json())["http_connections"]
     assert stats["cap"] == 16 and stats["evicted"] >= 44 and stats["open"] <= 16
     for w in silent:

@@ -69,7 +69,7 @@ async def test_unknown_routes_and_methods_answer_in_the_same_shape(bridge):
     async with aiohttp.ClientSession() as http:
         async with http.get(bridge.url + "/nope") as r:
             assert_error(r.status, await r.json(), 404, "not_found")
-        async with http.get(bridge.url + "/v1/realtime/calls") as r:
+        async with http.delete(bridge.url + "/v1/realtime/calls") as r:
             assert_error(r.status, await r.json(), 405, "method_not_allowed")
 
 
@@ -144,7 +144,7 @@ async def test_metrics_report_calls_loop_lag_and_audio_health(bridge, new_caller
     import asyncio
     await asyncio.sleep(0.5)
     async with aiohttp.ClientSession() as http:
-        async with http.get(bridge.url + "/metrics") as r:
+        async with http.get(bridge.url + "/metrics.json") as r:
             m = await r.json()
     assert m["active_calls"] == 1
     assert m["mic"]["frames"] > 5 and m["playback"]["frames"] > 5

@@ -4,6 +4,7 @@ process the kernel hands a request to."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import websockets
 
 from harness.caller import Caller
 from tests.conftest import eventually
@@ -19,13 +21,14 @@ from tests.conftest import eventually
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def test_two_workers_share_the_port_and_any_worker_hangs_up_any_call(stub):
+async def test_two_workers_share_the_port_and_any_worker_hangs_up_any_call(stub, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "REALTIME_URL")}
     proc = subprocess.Popen([sys.executable, "server.py", "--workers", "2", "--port", str(port), "--max-calls", "60",
-                             "--realtime-url", stub.url, "--env-file", "/nonexistent"], cwd=ROOT, env=env,
+                             "--realtime-url", stub.url, "--env-file", "/nonexistent", "--operator-on-loopback", "true",
+                             "--records-db", str(tmp_path / "records.db")], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     callers = []
@@ -51,7 +54,7 @@ async def test_two_workers_share_the_port_and_any_worker_hangs_up_any_call(stub)
         n = len(callers)
         await eventually(lambda: len(stub.sessions) == n, what="an upstream session per call")
         async with aiohttp.ClientSession() as http:
-            for path in ("/healthz", "/metrics"):  # whichever worker answers, it speaks for the server
+            for path in ("/healthz", "/metrics.json"):  # whichever worker answers, it speaks for the server
                 async with http.get(url + path) as r:
                     assert (await r.json())["active_calls"] == n
         # re-attaching works whichever worker the new offer reaches (forwarded to the call's own);
@@ -64,8 +67,38 @@ async def test_two_workers_share_the_port_and_any_worker_hangs_up_any_call(stub)
             await callers[i].close()
             callers[i] = again
         assert len(stub.sessions) == n  # the same upstream sessions
+        # the operator's sideband and a call's record work whichever worker the request reaches
+        # (the socket is carried over to the call's own); Prometheus' page holds both workers
+        http = aiohttp.ClientSession()
+        sidebands = []
+        for c in callers:
+            ws = await websockets.connect(f"ws://127.0.0.1:{port}/v1/realtime?call_id={c.call_id}")
+            assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "session.created"
+            sidebands.append(ws)
+            async with http.get(f"{url}/v1/realtime/calls/{c.call_id}") as r:
+                assert r.status == 200 and (await r.json())["status"] == "active"
+        async with http.get(url + "/metrics") as r:
+            from prometheus_client.parser import text_string_to_metric_families
+
+            families = {f.name: f for f in text_string_to_metric_families(await r.text())}
+        active = {s.labels["worker"]: s.value for s in families["bridge_calls_active"].samples}
+        assert set(active) == {"0", "1"} and sum(active.values()) == n
+        assert sum(s.value for s in families["bridge_sidebands"].samples) == n
         # every hangup succeeds, including those that reach the other worker and are forwarded
         assert [await c.hangup() for c in callers] == [200] * n
+        for c, ws in zip(callers, sidebands):
+            kinds = [json.loads(m)["type"] async for m in ws]
+            assert kinds[-1] == "call.ended" and (ws.close_code, ws.close_reason) == (1000, "call ended")
+        await eventually(lambda: True)
+        for c in callers:
+            for _ in range(50):  # the record's last write is its own task
+                async with http.get(f"{url}/v1/realtime/calls/{c.call_id}") as r:
+                    record = await r.json()
+                if record.get("status") == "ended":
+                    break
+                await asyncio.sleep(0.05)
+            assert record["end_reason"] == "hung up by the client"
+        await http.close()
         await eventually(lambda: all(s.ws.state.name == "CLOSED" for s in stub.sessions), what="upstreams closed")
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{url}/v1/realtime/calls/{callers[0].call_id}/hangup") as r:
