@@ -77,6 +77,7 @@ class ControlPlane:
                                    ran=call.record.tool_ran)
         if self.recordings is not None:
             call.recorder = self.recordings.start(call.id)
+            call.playback.on_pcm = call.recorder.model
             call.record.data["recording"] = call.recorder.path
         self._write(call.record.data, final=False)
 

@@ -140,6 +140,8 @@ class PlaybackTrack(MediaStreamTrack):
         self.on_started: Optional[Callable[[str], None]] = None
         #: Called with the last item id when the buffer runs dry after `end_of_audio()`.
         self.on_stopped: Optional[Callable[[str], None]] = None
+        #: Called with each 20 ms frame's PCM as it goes to the encoder.
+        self.on_pcm: Optional[Callable[[bytes], None]] = None
 
     def set_frames(self, frames: Callable[[bytes, int], Any]) -> None:
         """Change what `recv()` returns (before the sender starts)."""
@@ -205,7 +207,10 @@ class PlaybackTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         await self._wait_for_slot()
-        frame = self._make_frame(self._next_pcm(), self._frames * OUT_FRAME_SAMPLES)
+        pcm = self._next_pcm()
+        if self.on_pcm is not None:
+            self.on_pcm(pcm)  # what goes on the wire (a recording's model side)
+        frame = self._make_frame(pcm, self._frames * OUT_FRAME_SAMPLES)
         self._frames += 1
         self.stats.frames += 1
         return frame

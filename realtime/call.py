@@ -402,7 +402,7 @@ class Call:
             # Break the call's reference cycles (peer ↔ handlers ↔ call) so the
             # codecs and their buffers go now, by refcount, not at the next GC.
             self.pc.remove_all_listeners()
-            self.playback.on_started = self.playback.on_stopped = None
+            self.playback.on_started = self.playback.on_stopped = self.playback.on_pcm = None
             if self.channel is not None:
                 self.channel.remove_all_listeners()
         finally:
@@ -510,11 +510,13 @@ class Call:
         raise CallEnded("the caller's audio track ended")
 
     async def _on_mic_audio(self, pcm: bytes) -> None:
-        self.upstream.send(events.input_audio_append(pcm))
+        self._send_mic_audio(pcm)
 
     def _send_mic_audio(self, pcm: bytes) -> None:
         if pcm:
             self.upstream.send(events.input_audio_append(pcm))
+            if self.recorder is not None:
+                self.recorder.caller(pcm)
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         if channel.label != DATA_CHANNEL_LABEL or self.channel is not None:

@@ -436,3 +436,62 @@ async def test_metrics_speak_prometheus_text_with_calls_by_end_reason_and_latenc
     assert value("bridge_mic_packets_total") >= 5  # what the ended call counted stays counted
     assert value("bridge_playback_frames_total") >= 5
     assert value("bridge_offers_refused_total", reason="too_many_calls") == 0
+
+
+def _decode_stereo(path: str):
+    import av
+    import numpy as np
+
+    with av.open(path) as container:
+        stream = container.streams.audio[0]
+        channels = stream.codec_context.channels
+        frames = [f.to_ndarray() for f in container.decode(stream)]
+        rate = stream.codec_context.sample_rate
+    data = np.concatenate(frames, axis=1)  # planar float: (channels, samples)
+    if data.shape[0] == 1:  # packed
+        data = data.reshape(-1, channels).T
+    return channels, rate, data
+
+
+async def test_a_recording_is_one_stereo_file_caller_left_model_right_as_heard(stub, start_bridge, new_caller,
+                                                                              tmp_path):
+    import numpy as np
+    from pathlib import Path
+
+    folder = tmp_path / "rec"
+    bridge = await start_bridge(stub.url, auth_token=TOKEN, record_audio=str(folder))
+    caller, session = await _call(bridge, stub, new_caller, freq=440)
+    await asyncio.sleep(1.0)  # the caller speaks alone
+    reply = asyncio.ensure_future(stub.respond(freq=1000, ms=4000))
+    await caller.wait_event("output_audio_buffer.started")
+    await asyncio.sleep(1.2)
+    await stub.speech_started()  # cut: only what was heard belongs in the recording
+    await eventually(lambda: session.events_of("conversation.item.truncate"), 5, "truncate")
+    heard_ms = session.events_of("conversation.item.truncate")[0]["audio_end_ms"]
+    await reply
+    await asyncio.sleep(0.5)
+    assert await caller.hangup() == 200
+    path = Path(folder) / f"{caller.call_id}.ogg"
+    await eventually(path.exists, 5, "the finished recording")
+    channels, rate, data = _decode_stereo(str(path))
+    assert channels == 2
+    left, right = (np.clip(data[i] * 32767, -32768, 32767).astype("<i2") for i in (0, 1))
+    win = rate // 10
+    def level(x, i):
+        return float(np.sqrt(np.mean((x[i * win:(i + 1) * win].astype(float) / 32768) ** 2)))
+    n = len(right) // win
+    loud_right = [i for i in range(n) if level(right, i) > 0.05]
+    assert loud_right, "no model audio in the right channel"
+    # the model's side: its tone, for as long as the caller heard it (not the 4 s it was sent)
+    model = right[loud_right[0] * win:(loud_right[-1] + 1) * win]
+    assert abs(dominant_frequency(model.tobytes(), rate) - 1000) < 15
+    assert abs(len(loud_right) * 100 - heard_ms) <= 200, (len(loud_right) * 100, heard_ms)
+    # the caller's side: its tone before and during the reply, on the same timeline
+    before = left[max(0, loud_right[0] - 8) * win:loud_right[0] * win]
+    during = left[loud_right[0] * win:(loud_right[-1] + 1) * win]
+    assert abs(dominant_frequency(before.tobytes(), rate) - 440) < 15
+    assert abs(dominant_frequency(during.tobytes(), rate) - 440) < 15
+    assert level(right, max(0, loud_right[0] - 5)) < 0.01  # silence on the right before the reply
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{bridge.url}/v1/realtime/calls/{caller.call_id}", headers=AUTH) as r:
+            assert (await r.json())["recording"] == str(path)
