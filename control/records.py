@@ -15,10 +15,11 @@ A record (JSON, the shape `GET /v1/realtime/calls/{id}` returns):
     transcript  [{role, item_id, text, at, truncated, audio_end_ms?}]
     barge_ins   [{at, cause, items: [{item_id, audio_end_ms}]}]
     truncations [{at, item_id, audio_end_ms}]
-    tool_calls  [{call_id, name, arguments, runner (bridge|client), started_at,
-                  duration_ms, status, output}]
+    tool_calls  [{call_id, name, arguments, runner (bridge|page|sideband; null while
+                  pending), started_at, duration_ms, status, output}]
     usage       token counts summed over response.done events (+ responses)
-    audio       uplink/downlink counters at the end (loss, recovery, lateness)
+    audio       uplink/downlink counters at the end (loss, recovery, lateness) and the
+                playback's (frames, late frames, worst lateness, re-anchors)
     recording   path of the Ogg/Opus file, when RECORD_AUDIO is set
 """
 
@@ -110,7 +111,7 @@ class CallRecord:
             call_id = event.get("call_id")
             if isinstance(call_id, str) and call_id not in self._tools and len(self._tools) < MAX_ENTRIES:
                 entry = {"call_id": call_id, "name": str(event.get("name") or ""),
-                         "arguments": _clip(event.get("arguments") or ""), "runner": "client",
+                         "arguments": _clip(event.get("arguments") or ""), "runner": None,
                          "started_at": _now(), "duration_ms": None, "status": "pending", "output": None}
                 self._tools[call_id] = entry
                 self.data["tool_calls"].append(entry)
@@ -120,8 +121,8 @@ class CallRecord:
             if isinstance(usage, dict):
                 _add_counts(self.data["usage"], usage)
 
-    def client_event(self, event: Event) -> None:
-        """An event sent upstream (from the page, a sideband, or the bridge itself)."""
+    def client_event(self, event: Event, source: str = "bridge") -> None:
+        """An event sent upstream; `source`: page, sideband or bridge."""
         kind = event.get("type")
         if kind == Client.ITEM_TRUNCATE:
             item_id, end_ms = event.get("item_id"), event.get("audio_end_ms")
@@ -138,8 +139,9 @@ class CallRecord:
             item = _dict(event.get("item"))
             if item.get("type") == "function_call_output":
                 entry = self._tools.get(str(item.get("call_id")))
-                if entry is not None and entry["status"] == "pending":  # the page ran it
-                    entry["status"], entry["output"] = "completed", _clip(item.get("output") or "")
+                if entry is not None and entry["status"] == "pending":  # the page or a sideband ran it
+                    entry["runner"], entry["status"] = source, "completed"
+                    entry["output"] = _clip(item.get("output") or "")
                     entry["duration_ms"] = round((_now() - entry["started_at"]) * 1000)
             elif item.get("type") == "message" and item.get("role") == "user":
                 content = item.get("content") if isinstance(item.get("content"), list) else []

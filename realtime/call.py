@@ -137,6 +137,7 @@ class Call:
         #: what happened, kept after the call (control/records.py)
         self.record = CallRecord(call_id)
         self._flush_cause = "speech"  # why playback is being flushed (for the record)
+        self._client_source = "bridge"  # who sent the client event being carried out (for the record)
         #: operator connections onto this call (control/sideband.py): each gets every server event
         self.sidebands: set = set()
         #: the bridge's own tools (control/tools.py), set by the registry
@@ -414,8 +415,12 @@ class Call:
                 pb.frames, pb.audio_frames, pb.late_frames, pb.reanchors, self._downlink_summary(),
                 self.upstream.sent_events, self.upstream.received_events,
             )
-            self.record.finish(self.reason or "ended", self.audio_counters(), handoffs=self.handoffs,
-                               reattaches=self.reattaches)
+            pb = self.playback.stats
+            self.record.finish(self.reason or "ended", {
+                **self.audio_counters(), "playback": {"frames": pb.frames, "audio_frames": pb.audio_frames,
+                                                      "late_frames": pb.late_frames, "reanchors": pb.reanchors,
+                                                      "max_lateness_ms": round(pb.max_lateness_ms, 1)}},
+                handoffs=self.handoffs, reattaches=self.reattaches)
             for sideband in list(self.sidebands):
                 sideband.call_ended(self.reason or "ended")
             self.closed.set()
@@ -754,7 +759,12 @@ class Call:
         """A client event that passed its policy (the page's, or a sideband's operator policy)."""
         if event.get("type") == Client.OUTPUT_AUDIO_CLEAR:
             self._flush_cause = f"{source}_clear"
-        self.execute(self.conversation.from_page(event))
+        self._client_source = source
+        try:
+            self.execute(self.conversation.from_page(event))
+        finally:
+            self._client_source = "bridge"
+
 
     def execute(self, actions: list[Action]) -> None:
         """Carry out what the conversation core decided, in order."""
@@ -766,7 +776,7 @@ class Call:
                         event = self.tools.with_server_tools(event)
                     if len(self._session_updates) < 100:
                         self._session_updates.append(event)
-                self.record.client_event(event)
+                self.record.client_event(event, self._client_source)
                 self.upstream.send(event)
             elif isinstance(action, ToPage):
                 self.to_page(action.event)

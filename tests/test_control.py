@@ -209,7 +209,15 @@ async def test_a_server_tool_is_called_with_its_secret_and_the_model_gets_the_re
         assert tool["runner"] == "bridge" and tool["status"] == "completed" and tool["duration_ms"] >= 0
         assert json.loads(tool["arguments"]) == {"number": "A-1001"}
         page_tool = next(t for t in record["tool_calls"] if t["name"] == "page_tool")
-        assert page_tool["runner"] == "client" and page_tool["status"] == "pending"
+        assert page_tool["runner"] is None and page_tool["status"] == "pending"
+        caller.send_event({"type": "conversation.item.create", "item": {
+            "type": "function_call_output", "call_id": page_tool["call_id"], "output": "{}"}})
+        await asyncio.sleep(0.3)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{bridge.url}/v1/realtime/calls/{caller.call_id}", headers=AUTH) as r:
+                record = await r.json()
+        page_tool = next(t for t in record["tool_calls"] if t["name"] == "page_tool")
+        assert page_tool["runner"] == "page" and page_tool["status"] == "completed"
         # two function-call responses (30 each) and the reply to the tool output (100)
         assert record["usage"]["total_tokens"] == 160 and record["usage"]["input_token_details"]["audio_tokens"] == 30
         await caller.hangup()
@@ -305,6 +313,7 @@ async def test_a_record_holds_transcripts_barge_ins_and_the_end_and_survives_a_r
     assert record["truncations"][0]["audio_end_ms"] == truncate["audio_end_ms"]
     assert record["usage"]["responses"] == 1 and record["usage"]["total_tokens"] == 100
     assert record["audio"]["uplink"]["packets"] > 0 and "lost" in record["audio"]["uplink"]
+    assert record["audio"]["playback"]["audio_frames"] > 0 and "max_lateness_ms" in record["audio"]["playback"]
     # a new server on the same database still has it, and lists it
     stub2 = await RealtimeStub().start()
     try:
