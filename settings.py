@@ -100,6 +100,9 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     client_events: tuple[str, ...] = DEFAULT_CLIENT_EVENTS
     session_fields: tuple[str, ...] = DEFAULT_SESSION_FIELDS
+    rtc_port_range: Optional[tuple[int, int]] = None
+    public_ip: tuple[str, ...] = ()
+    rtc_interfaces: tuple[str, ...] = ()
     records_db: str = "data/records.db"
     record_audio: Optional[str] = None
     tools_config: Optional[str] = None
@@ -138,6 +141,11 @@ class Settings:
             return 0.0
         host = urlsplit(self.realtime_url or OPENAI_REALTIME_URL).hostname or ""
         return 3300.0 if host == "api.openai.com" or host.endswith((".azure.com", ".azure.us", ".azure.cn")) else 0.0
+
+    def ice_policy(self):
+        from media.ice import IcePolicy
+
+        return IcePolicy(self.rtc_port_range, self.public_ip, self.rtc_interfaces)
 
     def secrets(self) -> list[Optional[str]]:
         """Everything that must never reach a page, a log line or an error message."""
@@ -279,6 +287,32 @@ def _browser_bitrate(v: str) -> int:
     return n
 
 
+def _port_range(v: str) -> tuple[int, int]:
+    from media.ice import parse_port_range
+
+    return parse_port_range(v)
+
+
+def _addresses(v: str) -> tuple[str, ...]:
+    import ipaddress
+
+    out = _csv(v)
+    for a in out:
+        try:
+            ipaddress.ip_address(a)
+        except ValueError:
+            raise ValueError(f"{a!r} is not an IP address") from None
+    return out
+
+
+def _interfaces(v: str) -> tuple[str, ...]:
+    from media.ice import check_interfaces
+
+    out = _csv(v)
+    check_interfaces(out)
+    return out
+
+
 def _http_url(v: str) -> str:
     parts = urlsplit(v)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -338,6 +372,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("ice_servers", ("ICE_SERVERS",), str, "comma-separated STUN/TURN URLs (default none: nothing waits on unreachable STUN)"),
     Option("ice_username", ("ICE_USERNAME",), str, "username for the TURN servers"),
     Option("ice_credential", ("ICE_CREDENTIAL",), str, "credential for the TURN servers", secret=True),
+    Option("rtc_port_range", ("RTC_PORT_RANGE",), _port_range, "UDP ports the server's ICE candidates use, LOW-HIGH (one per call and address; for firewall rules and Kubernetes hostPorts; default: any)"),
+    Option("public_ip", ("PUBLIC_IP",), _addresses, "address(es) of a 1:1 NAT in front of this server (a cloud VM's public IP), advertised with each candidate's port"),
+    Option("rtc_interfaces", ("RTC_INTERFACES",), _interfaces, "interfaces to gather ICE candidates on: names, addresses or networks, comma-separated (default: all but loopback)"),
     Option("max_calls", ("MAX_CALLS",), _positive_int, "concurrent calls before new ones get 503"),
     Option("max_call_seconds", ("MAX_CALL_SECONDS",), _positive_float, "a call is ended after this long"),
     Option("connect_timeout", ("CONNECT_TIMEOUT",), _positive_float, "seconds for ICE+DTLS to connect before the call is dropped"),

@@ -28,7 +28,7 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.exceptions import InvalidStateError
 from aiortc.rtcdatachannel import RTCDataChannel
 
-from media import downlink, jitter, negotiate
+from media import downlink, ice, jitter, negotiate
 from media.downlink import OpusPacker
 from media.mic import MicPump, MicTimeout
 from media.playback import PlaybackTrack, Upsampler, pcm_frame
@@ -46,6 +46,7 @@ from .redaction import redact
 from .upstream import RETRYABLE_CLOSE_CODES, UpstreamError, UpstreamSession
 
 logger = logging.getLogger(__name__)
+ice.install()
 
 DATA_CHANNEL_LABEL = "oai-events"
 #: Events for the page held until its data channel opens.
@@ -169,7 +170,12 @@ class Call:
         self._channel_ready = asyncio.Event()
 
     async def accept(self, offer_sdp: str) -> str:
-        """Apply the browser's offer and return the SDP answer (all candidates included)."""
+        """Apply the browser's offer and return the SDP answer (all candidates included),
+        gathered under the operator's ICE policy (port range, public address, interfaces)."""
+        with ice.applied(self.settings.ice_policy()):
+            return await self._accept(offer_sdp)
+
+    async def _accept(self, offer_sdp: str) -> str:
         pc = self.pc
         pc.on("track", self._on_track)
         pc.on("datachannel", self._on_datachannel)

@@ -26,6 +26,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from media.ice import PortsExhausted
 from realtime import events
 from realtime.call import Call, CallEnded
 from realtime.policy import MAX_DEPTH, ClientEventPolicy, nesting_depth
@@ -318,7 +319,10 @@ async def create_call(request: web.Request) -> web.Response:
     # slower of the two, and a refusing upstream is answered here, precisely.
     answer, upstream = await asyncio.gather(call.accept(sdp), call.open_upstream(), return_exceptions=True)
     if isinstance(answer, BaseException) or isinstance(upstream, BaseException):
-        if isinstance(answer, BaseException):
+        if isinstance(answer, PortsExhausted):
+            reply = error_response(503, "rtc_ports_exhausted", f"The server has no free media port ({answer.strerror}); "
+                                   "try again shortly.", headers={"Retry-After": "5"})
+        elif isinstance(answer, BaseException):
             # aiortc raises ValueError/InvalidAccessError etc. on SDP it cannot use
             reply = error_response(400, "invalid_offer", f"Could not apply the SDP offer: {answer}", param="sdp")
         elif isinstance(upstream, UpstreamBusy):  # the model service is rate-limiting: the caller may retry
