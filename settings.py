@@ -100,6 +100,10 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     client_events: tuple[str, ...] = DEFAULT_CLIENT_EVENTS
     session_fields: tuple[str, ...] = DEFAULT_SESSION_FIELDS
+    turn_host: Optional[str] = None
+    turn_urls: tuple[str, ...] = ()
+    turn_secret: Optional[str] = field(default=None, repr=False)
+    turn_ttl: int = 3600
     rtc_port_range: Optional[tuple[int, int]] = None
     public_ip: tuple[str, ...] = ()
     rtc_interfaces: tuple[str, ...] = ()
@@ -150,7 +154,7 @@ class Settings:
     def secrets(self) -> list[Optional[str]]:
         """Everything that must never reach a page, a log line or an error message."""
         extra = self.tools.secrets() if self.tools else []
-        return [self.api_key, self.auth_token, self.webhook_url, self.webhook_secret, *extra]
+        return [self.api_key, self.auth_token, self.webhook_url, self.webhook_secret, self.turn_secret, *extra]
 
     def upstream_headers(self) -> dict[str, str]:
         """Auth header for the upstream; the key never goes anywhere else."""
@@ -202,8 +206,14 @@ class Settings:
         return session
 
     def ice_config(self) -> list[dict[str, Any]]:
-        """ICE servers in the browser's RTCIceServer shape (for the page)."""
+        """ICE servers in the browser's RTCIceServer shape (for the page), with freshly
+        minted TURN credentials when a TURN REST secret is set."""
         out = []
+        if self.turn_secret:
+            from signaling.turn import credentials, default_urls
+
+            urls = self.turn_urls or default_urls(self.turn_host or "")
+            out.append(credentials(self.turn_secret, self.turn_ttl, urls))
         for s in self.ice_servers:
             entry: dict[str, Any] = {"urls": s.urls}
             if s.username:
@@ -372,6 +382,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("ice_servers", ("ICE_SERVERS",), str, "comma-separated STUN/TURN URLs (default none: nothing waits on unreachable STUN)"),
     Option("ice_username", ("ICE_USERNAME",), str, "username for the TURN servers"),
     Option("ice_credential", ("ICE_CREDENTIAL",), str, "credential for the TURN servers", secret=True),
+    Option("turn_host", ("TURN_HOST",), str, "a coturn server (TURN REST secret): pages are given short-lived credentials for TURN over UDP and TCP on 3478 and TLS on 443 of this host"),
+    Option("turn_urls", ("TURN_URLS",), _csv, "the TURN URLs pages are given instead of TURN_HOST's three (turn:/turns:, comma-separated)"),
+    Option("turn_secret", ("TURN_SECRET",), str, "the secret shared with coturn (its static-auth-secret, with use-auth-secret)", secret=True),
+    Option("turn_ttl", ("TURN_TTL",), _positive_int, "seconds the TURN credentials of a page are valid"),
     Option("rtc_port_range", ("RTC_PORT_RANGE",), _port_range, "UDP ports the server's ICE candidates use, LOW-HIGH (one per call and address; for firewall rules and Kubernetes hostPorts; default: any)"),
     Option("public_ip", ("PUBLIC_IP",), _addresses, "address(es) of a 1:1 NAT in front of this server (a cloud VM's public IP), advertised with each candidate's port"),
     Option("rtc_interfaces", ("RTC_INTERFACES",), _interfaces, "interfaces to gather ICE candidates on: names, addresses or networks, comma-separated (default: all but loopback)"),
@@ -502,6 +516,14 @@ def from_raw(raw: dict[str, str]) -> Settings:
             signing_key(secret)
         except SecretError as exc:
             raise ConfigError(f"--webhook-secret (WEBHOOK_SECRET): {exc}") from None
+    turn_urls = values.get("turn_urls", ())
+    for url in turn_urls:
+        if not url.startswith(("turn:", "turns:")):
+            raise ConfigError(f"--turn-urls (TURN_URLS): {url!r} is not a turn:/turns: URL")
+    if (values.get("turn_host") or turn_urls) and not values.get("turn_secret"):
+        raise ConfigError("--turn-host/--turn-urls need TURN_SECRET (coturn's static-auth-secret)")
+    if values.get("turn_secret") and not (values.get("turn_host") or turn_urls):
+        raise ConfigError("TURN_SECRET is set but neither TURN_HOST nor TURN_URLS says where the TURN server is")
     if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
         raise ConfigError("--tls-cert and --tls-key go together")
     if values.get("realtime_url", "").startswith("wss://api.openai.com") and not values.get("api_key"):
