@@ -107,6 +107,14 @@ async def serve(settings: config.Settings, ready: Optional[asyncio.Event] = None
         ready.set()
     try:
         await stop.wait()
+        stop.clear()
+        # drain: no new calls (a cluster sends them to other nodes), live ones go on up to
+        # DRAIN_SECONDS; a second signal cuts it short
+        drain = asyncio.ensure_future(app[REGISTRY].drain(settings.drain_seconds))
+        cut = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([drain, cut], return_when=asyncio.FIRST_COMPLETED)
+        for task in (drain, cut):
+            task.cancel()
     finally:
         app[REGISTRY].draining = True  # offers still being answered get 503, not a call that is torn down
         logging.getLogger("server").info("shutting down")

@@ -100,6 +100,11 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     client_events: tuple[str, ...] = DEFAULT_CLIENT_EVENTS
     session_fields: tuple[str, ...] = DEFAULT_SESSION_FIELDS
+    redis_url: Optional[str] = field(default=None, repr=False)
+    node_url: Optional[str] = None
+    node_id: Optional[str] = None
+    cluster_secret: Optional[str] = field(default=None, repr=False)
+    drain_seconds: float = 0.0
     turn_host: Optional[str] = None
     turn_urls: tuple[str, ...] = ()
     turn_secret: Optional[str] = field(default=None, repr=False)
@@ -154,7 +159,8 @@ class Settings:
     def secrets(self) -> list[Optional[str]]:
         """Everything that must never reach a page, a log line or an error message."""
         extra = self.tools.secrets() if self.tools else []
-        return [self.api_key, self.auth_token, self.webhook_url, self.webhook_secret, self.turn_secret, *extra]
+        return [self.api_key, self.auth_token, self.webhook_url, self.webhook_secret, self.turn_secret,
+                self.cluster_secret, self.redis_url, *extra]
 
     def upstream_headers(self) -> dict[str, str]:
         """Auth header for the upstream; the key never goes anywhere else."""
@@ -323,6 +329,12 @@ def _interfaces(v: str) -> tuple[str, ...]:
     return out
 
 
+def _redis_url(v: str) -> str:
+    if urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return v
+
+
 def _http_url(v: str) -> str:
     parts = urlsplit(v)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -382,6 +394,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("ice_servers", ("ICE_SERVERS",), str, "comma-separated STUN/TURN URLs (default none: nothing waits on unreachable STUN)"),
     Option("ice_username", ("ICE_USERNAME",), str, "username for the TURN servers"),
     Option("ice_credential", ("ICE_CREDENTIAL",), str, "credential for the TURN servers", secret=True),
+    Option("redis_url", ("REDIS_URL",), _redis_url, "join a cluster of nodes coordinated through this Redis (redis://host:6379/0): offers go to the least-loaded node, per-call requests to the node holding the call, MAX_CALLS counts the whole cluster (unset: this machine alone)", secret=True),
+    Option("node_url", ("NODE_URL",), _http_url, "the URL other nodes reach this one at, http://ADDRESS:PORT (default: from --host and --port, which then must not be 0.0.0.0)"),
+    Option("node_id", ("NODE_ID",), str, "this node's name in the cluster (default: hostname-port)"),
+    Option("cluster_secret", ("CLUSTER_SECRET",), str, "secret shared by the cluster's nodes: offers they place on each other carry an HMAC of it", secret=True),
+    Option("drain_seconds", ("DRAIN_SECONDS",), _non_negative_float, "on SIGTERM, take no new calls (a cluster places them elsewhere) and let live calls go on for up to this long before ending them"),
     Option("turn_host", ("TURN_HOST",), str, "a coturn server (TURN REST secret): pages are given short-lived credentials for TURN over UDP and TCP on 3478 and TLS on 443 of this host"),
     Option("turn_urls", ("TURN_URLS",), _csv, "the TURN URLs pages are given instead of TURN_HOST's three (turn:/turns:, comma-separated)"),
     Option("turn_secret", ("TURN_SECRET",), str, "the secret shared with coturn (its static-auth-secret, with use-auth-secret)", secret=True),
@@ -516,6 +533,22 @@ def from_raw(raw: dict[str, str]) -> Settings:
             signing_key(secret)
         except SecretError as exc:
             raise ConfigError(f"--webhook-secret (WEBHOOK_SECRET): {exc}") from None
+    if values.get("redis_url"):
+        if not values.get("cluster_secret"):
+            raise ConfigError("--redis-url (REDIS_URL) needs CLUSTER_SECRET, shared by every node")
+        if values.get("workers", 1) > 1:
+            raise ConfigError("--redis-url (REDIS_URL) and --workers go apart: in a cluster, run one node per core")
+        if not values.get("node_url"):
+            host = values.get("host", "127.0.0.1")
+            if host in ("0.0.0.0", "::", ""):
+                raise ConfigError("--redis-url (REDIS_URL) with --host 0.0.0.0 needs NODE_URL: the address other "
+                                  "nodes reach this one at")
+            scheme = "https" if values.get("tls_cert") else "http"
+            values["node_url"] = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{values.get('port', 8080)}"
+        if not values.get("node_id"):
+            import socket
+
+            values["node_id"] = f"{socket.gethostname()}-{values.get('port', 8080)}"
     turn_urls = values.get("turn_urls", ())
     for url in turn_urls:
         if not url.startswith(("turn:", "turns:")):

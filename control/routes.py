@@ -24,7 +24,8 @@ from realtime.policy import ClientEventPolicy
 from settings import SIDEBAND_SESSION_FIELDS
 from signaling.auth import bearer
 from signaling.errors import error_response
-from signaling.routes import CALL_ID, KEYS, REGISTRY, SETTINGS, _forward
+from signaling.routes import (CALL_ID, KEYS, REGISTRY, SETTINGS, ClusterUnavailable, _cluster_unavailable, _forward,
+                             elsewhere, internal_headers)
 
 from .plane import PLANE
 from .sideband import Sideband
@@ -76,9 +77,13 @@ async def realtime_socket(request: web.Request) -> web.StreamResponse:
     if not CALL_ID.fullmatch(call_id):
         return error_response(404, "call_not_found", "No active call with that id.", param="call_id")
     call = registry.calls.get(call_id)
-    owner = registry.workers.owner(call_id)
-    if call is None and owner is not None and owner != registry.workers.index:
-        return await _relay_socket(request, registry.workers.internal_ports[owner])
+    if call is None:
+        try:
+            base = await elsewhere(registry, call_id)
+        except ClusterUnavailable:
+            return _cluster_unavailable()
+        if base is not None:
+            return await _relay_socket(request, base)
     if call is None or call.reason is not None:
         return error_response(404, "call_not_found", f"No active call with id '{call_id}'.", param="call_id")
     ws = web.WebSocketResponse(max_msg_size=256 * 1024, heartbeat=30.0)
@@ -92,12 +97,14 @@ async def realtime_socket(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _relay_socket(request: web.Request, port: int) -> web.StreamResponse:
-    """The call is in a sibling worker: carry the socket over to it, both ways, close codes
-    included (its inner leg speaks `websockets`, which reports the close it was sent)."""
-    headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+async def _relay_socket(request: web.Request, base: str) -> web.StreamResponse:
+    """The call is in a sibling worker or another node: carry the socket over to it, both
+    ways, close codes included (its inner leg speaks `websockets`, which reports the close
+    it was sent)."""
+    headers = {k: v for k, v in internal_headers(request).items() if k.lower() != "content-type"}
+    ws_base = "ws" + base[4:] if base.startswith("http") else base
     try:
-        inner = await websockets.connect(f"ws://127.0.0.1:{port}/v1/realtime?{urlencode(list(request.query.items()))}",
+        inner = await websockets.connect(f"{ws_base}/v1/realtime?{urlencode(list(request.query.items()))}",
                                          additional_headers=headers, max_size=None, open_timeout=5)
     except websockets.InvalidStatus as exc:
         status = exc.response.status_code
@@ -139,11 +146,15 @@ async def call_record(request: web.Request) -> web.Response:
     call = registry.calls.get(call_id)
     if call is not None:
         return web.json_response(call.record.data)
-    owner = registry.workers.owner(call_id)
-    if owner is not None and owner != registry.workers.index and "local" not in request.query:
-        forwarded = await _forward(registry.workers.internal_ports[owner], request, "", query="local=1")
-        if forwarded.status != 404:
-            return forwarded
+    if "local" not in request.query:
+        try:  # live on another worker or node; or ended on another node (whose store has it)
+            base = await elsewhere(registry, call_id) or await elsewhere(registry, call_id, ended=True)
+        except ClusterUnavailable:
+            return _cluster_unavailable()
+        if base is not None:
+            forwarded = await _forward(base, request, "", query="local=1")
+            if forwarded.status != 404:
+                return forwarded
     plane = request.app[PLANE]
     record = await plane.store.get(call_id) if plane.store is not None and CALL_ID.fullmatch(call_id) else None
     if record is None:

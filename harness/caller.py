@@ -101,6 +101,7 @@ class Caller:
         self.audio_frames: list[tuple[float, int]] = []  # (arrival monotonic, total bytes after)
         self.call_id: Optional[str] = None
         self.reconnect_secret: Optional[str] = None
+        self.answer_headers: dict[str, str] = {}
         self.channel = None
         self.channel_open = asyncio.Event()
         self._reader: Optional[asyncio.Task] = None
@@ -122,6 +123,7 @@ class Caller:
                 if resp.status not in (200, 201):  # 200: a re-attach
                     raise RuntimeError(f"offer refused: {resp.status} {body}")
                 self.call_id = resp.headers["Location"].rsplit("/", 1)[-1]
+                self.answer_headers = dict(resp.headers)
                 self.reconnect_secret = resp.headers.get("X-Reconnect-Secret")
         if answer_delay:
             await asyncio.sleep(answer_delay)

@@ -56,7 +56,8 @@ class StubSession:
 class RealtimeStub:
     def __init__(self, *, auto: bool = False, reply_freq: float = 440.0, reply_ms: int = 1500,
                  reply_text: str = "I hear you loud and clear.", user_text: str = "hello stub",
-                 realtime_pacing: bool = False) -> None:
+                 realtime_pacing: bool = False, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.auto = auto
         self.reply_freq = reply_freq
         self.reply_ms = reply_ms
@@ -73,10 +74,10 @@ class RealtimeStub:
         self.silent = False
 
     async def start(self) -> "RealtimeStub":
-        self._server = await serve(self._handler, "127.0.0.1", 0, max_size=16 * 1024 * 1024,
+        self._server = await serve(self._handler, self.host, 0, max_size=16 * 1024 * 1024,
                                    process_request=self._process_request)
         port = self._server.sockets[0].getsockname()[1]
-        self.url = f"ws://127.0.0.1:{port}/v1/realtime"
+        self.url = f"ws://{self.host}:{port}/v1/realtime"
         return self
 
     async def stop(self) -> None:

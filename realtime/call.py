@@ -145,6 +145,7 @@ class Call:
         self.tools = None
         self.session: Optional[dict] = None  # the session as the upstream last described it
         self.recorder = None  # control.recording.Recorder, with RECORD_AUDIO
+        self.node_id: Optional[str] = None  # the cluster node holding the call (with REDIS_URL)
         self.observe: Callable[[str, float], None] = lambda what, seconds: None  # metrics' histograms
         self._turn_ended_at: Optional[float] = None  # the caller's last speech_stopped, until the reply's audio
 

@@ -39,6 +39,25 @@ def build_app(settings: Settings, upstream_url: str, workers: Workers = Workers(
         lambda: recent_lateness_p95(registry), Thresholds() if settings.admission else NEVER,
         active_calls=lambda: len(registry.calls))
 
+    if settings.redis_url:
+        from cluster.node import ClusterNode
+        from .admission import ProcessCpu
+
+        cpu = ProcessCpu()
+        registry.cluster = ClusterNode(
+            settings.redis_url, settings.node_id or "node", settings.node_url or "", settings.cluster_secret or "",
+            settings.max_calls, lambda: {
+                "active": len(registry.calls), "cpu": cpu.cores(), "calls": list(registry.calls),
+                "lag_p95": app[metrics.LOOP_LAG].summary(WINDOW_S)["p95"] if metrics.LOOP_LAG in app else 0.0,
+                "overload": app[ADMISSION].overload()})
+
+        async def cluster_lifecycle(app: web.Application):
+            await registry.cluster.start()
+            yield
+            await registry.cluster.stop()
+
+        app.cleanup_ctx.append(cluster_lifecycle)
+
     async def drain_calls(app: web.Application) -> None:
         await app[REGISTRY].close_all("server shutting down")
 

@@ -26,7 +26,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from cluster.node import CLUSTER_HEADER, NODE_HEADER, ClusterNode, NodeInfo
 from media.ice import PortsExhausted
+from redis.exceptions import RedisError
 from realtime import events
 from realtime.call import Call, CallEnded
 from realtime.policy import MAX_DEPTH, ClientEventPolicy, nesting_depth
@@ -85,6 +87,8 @@ class CallRegistry:
         self._pending: dict[str, str] = {}  # call id → address, until the call connects or ends
         self.draining = False  # SIGTERM: no new calls, offers in flight refused
         self.plane = None  # control.plane.ControlPlane: records, tools, recording
+        self.cluster: Optional[ClusterNode] = None  # with REDIS_URL
+        self._cluster_tasks: set[asyncio.Task] = set()
         self.metrics = None  # signaling.prom.BridgeMetrics
         self.refused_full = 0
         self.refused_overloaded = 0
@@ -93,16 +97,19 @@ class CallRegistry:
     def full(self) -> bool:
         return self.slots.full
 
-    def create(self, address: Optional[str] = None) -> Optional[Call]:
+    def create(self, address: Optional[str] = None, *, slot_taken: bool = False) -> Optional[Call]:
         """A new call, or None if the server is at MAX_CALLS. `address`: the client's, counted
-        against its pending-offer limit until the call connects or ends (None: exempt)."""
-        if not self.slots.take():
+        against its pending-offer limit until the call connects or ends (None: exempt).
+        `slot_taken`: the cluster gave it a slot already."""
+        if not slot_taken and not self.slots.take():
             return None
         call_id = events.new_id("rtc")
         if self.workers.count > 1:
             call_id += f"w{self.workers.index}"
         upstream = UpstreamSession(self.upstream_url, self.settings.upstream_headers())
         call = Call(call_id, self.settings, upstream, self.policy, on_closed=self._closed)
+        if self.cluster is not None:
+            call.node_id = call.record.data["node"] = self.cluster.id
         if address is not None:
             self._pending[call_id] = address
             self.limits.started(address)
@@ -132,7 +139,20 @@ class CallRegistry:
         if self.metrics is not None:
             self.metrics.call_ended(call)
         if self.calls.pop(call.id, None) is not None:
-            self.slots.give()
+            if self.cluster is not None:
+                task = asyncio.get_running_loop().create_task(self._cluster_closed(call.id))
+                self._cluster_tasks.add(task)
+                task.add_done_callback(self._cluster_tasks.discard)
+            else:
+                self.slots.give()
+
+    async def _cluster_closed(self, call_id: str) -> None:
+        assert self.cluster is not None
+        try:
+            await self.cluster.give_slot()
+            await self.cluster.call_ended(call_id)
+        except (RedisError, OSError) as exc:
+            logger.warning("cluster: releasing call %s failed: %s", call_id, exc)
 
     async def close_all(self, reason: str) -> None:
         self.draining = True
@@ -140,6 +160,21 @@ class CallRegistry:
         for call in calls:
             call.end(reason)
         await asyncio.gather(*(c.wait_closed() for c in calls), return_exceptions=True)
+        if self._cluster_tasks:
+            await asyncio.gather(*self._cluster_tasks, return_exceptions=True)
+
+    async def drain(self, deadline_s: float) -> None:
+        """SIGTERM: take no new calls (a cluster places them elsewhere) and let the live ones
+        finish, for up to `deadline_s`; `close_all` ends what is left."""
+        self.draining = True
+        if self.cluster is not None:
+            self.cluster.draining = True
+            await self.cluster.beat_now()
+        if self.calls and deadline_s > 0:
+            logger.info("draining: %d calls may go on for up to %g s", len(self.calls), deadline_s)
+            end = time.monotonic() + deadline_s
+            while self.calls and time.monotonic() < end:
+                await asyncio.sleep(0.2)
 
 
 REGISTRY = web.AppKey("registry", CallRegistry)
@@ -276,7 +311,10 @@ def _shutting_down() -> web.Response:
 
 async def create_call(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
-    if registry.draining:
+    cluster = registry.cluster
+    # an offer another node placed here (it did the per-address limits), or a client's
+    from_node = cluster is not None and cluster.trusted(request.headers.get(CLUSTER_HEADER))
+    if registry.draining and (cluster is None or from_node):
         return _shutting_down()
     keys = request.app[KEYS]
     key_session = None
@@ -289,13 +327,17 @@ async def create_call(request: web.Request) -> web.Response:
             return _unauthorized("This server needs 'Authorization: Bearer <key>' with a valid, unexpired key "
                                  "(mint one with POST /v1/realtime/client_secrets).")
         key_session = ephemeral.session if ephemeral else None
-    address = None if operator else (request.remote or "unknown")
+    address = None if operator or from_node else (request.remote or "unknown")
     if address is not None:
         limited = registry.limits.check(address)
         if limited is not None:
             reason, retry = limited
             return error_response(429, "rate_limited", f"Too many offers: {reason}; try again in {retry} s.",
                                   headers={"Retry-After": str(retry)})
+    if cluster is not None and not from_node:
+        placed = await _place(request, registry, cluster)
+        if placed is not None:
+            return placed  # answered by the node it was placed on (or refused for the cluster)
     offer = await _read_offer(request)
     if isinstance(offer, web.Response):
         return offer
@@ -307,14 +349,28 @@ async def create_call(request: web.Request) -> web.Response:
         return error_response(503, "server_overloaded",
                               f"The server is too loaded to take another call ({overload}); try again shortly.",
                               headers={"Retry-After": "2"})
-    call = registry.create(address)
+    if cluster is not None:
+        try:
+            slot = await cluster.take_slot()
+        except (RedisError, OSError) as exc:
+            logger.warning("cluster: taking a call slot failed: %s", exc)
+            return _cluster_unavailable()
+        call = registry.create(address, slot_taken=True) if slot else None
+    else:
+        call = registry.create(address)
     if call is not None and ADMISSION in request.app:
         request.app[ADMISSION].admitted()
     if call is None:
         registry.refused_full += 1
+        where = "cluster" if cluster is not None else "server"
         return error_response(503, "too_many_calls",
-                              f"The server is at its limit of {registry.settings.max_calls} concurrent calls; try again later.",
+                              f"The {where} is at its limit of {registry.settings.max_calls} concurrent calls; try again later.",
                               headers={"Retry-After": "5"})
+    if cluster is not None:
+        try:
+            await cluster.call_started(call.id)
+        except (RedisError, OSError) as exc:  # the heartbeat registers it within a second anyway
+            logger.warning("cluster: registering call %s failed: %s", call.id, exc)
     # SDP work and the upstream handshake run side by side: call set-up costs the
     # slower of the two, and a refusing upstream is answered here, precisely.
     answer, upstream = await asyncio.gather(call.accept(sdp), call.open_upstream(), return_exceptions=True)
@@ -353,8 +409,66 @@ async def create_call(request: web.Request) -> web.Response:
     return _answer(call, answer, as_json, 201)
 
 
+async def _place(request: web.Request, registry: CallRegistry, cluster: ClusterNode) -> Optional[web.Response]:
+    """Put a new offer on the least-loaded node that can take it: None to make the call here,
+    or the answer of the node it was forwarded to (relayed as it came), or a refusal."""
+    admission = request.app[ADMISSION] if ADMISSION in request.app else None
+    me = NodeInfo(cluster.id, cluster.url, active=len(registry.calls),
+                  overload=admission.overload() if admission else None, draining=registry.draining)
+    try:
+        candidates = cluster.placement(await cluster.nodes(), me)
+    except (RedisError, OSError) as exc:
+        logger.warning("cluster: reading the node registry failed: %s", exc)
+        return _cluster_unavailable()
+    if not candidates:
+        if registry.draining:
+            return _shutting_down()
+        return error_response(503, "server_overloaded", "No node of the cluster can take another call now; try again "
+                              "shortly.", headers={"Retry-After": "2"})
+    if candidates[0].id == cluster.id:
+        return None
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            body = await read_body(request)
+    except TimeoutError:
+        return _body_timeout()
+    except _TooLarge:
+        return error_response(413, "body_too_large", f"Request body exceeds {MAX_OFFER_BYTES} bytes.")
+    except _BadRequest as exc:
+        return error_response(400, exc.code, str(exc), param=exc.param)
+    headers = internal_headers(request)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        for node in [c for c in candidates if c.id != cluster.id][:3]:
+            try:
+                async with http.post(f"{node.url}/v1/realtime/calls", data=body, headers=headers) as r:
+                    reply = await _relayed(r)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                logger.warning("cluster: node %s did not take an offer: %s", node.id, type(exc).__name__)
+                continue
+            if reply.status == 503 and _error_code(reply) in TRY_ANOTHER_NODE:
+                continue  # that node got loaded or began draining since its last heartbeat: the next one
+            if reply.status in (200, 201):
+                cluster.placed(node.id)
+            return reply
+    return error_response(503, "server_overloaded", "The nodes that could take this call did not; try again shortly.",
+                          headers={"Retry-After": "1"})
+
+
+#: A node refusing an offer for one of these reasons leaves it to the next one.
+TRY_ANOTHER_NODE = ("server_overloaded", "server_shutting_down", "rtc_ports_exhausted", "upstream_busy")
+
+
+def _error_code(reply: web.Response) -> Optional[str]:
+    try:
+        return json.loads(reply.body or b"{}").get("error", {}).get("code")
+    except (ValueError, AttributeError):
+        return None
+
+
 def _answer(call: Call, answer: str, as_json: bool, status: int) -> web.Response:
     headers = {"Location": f"/v1/realtime/calls/{call.id}", "X-Reconnect-Secret": call.secret}
+    if call.node_id:
+        headers[NODE_HEADER] = call.node_id
     if as_json:
         return web.json_response({"type": "answer", "sdp": answer, "call_id": call.id,
                                   "reconnect_secret": call.secret}, status=status, headers=headers)
@@ -449,21 +563,64 @@ async def _call_of(request: web.Request, action: str) -> "Call | web.Response":
     if not CALL_ID.fullmatch(call_id):
         return error_response(404, "call_not_found", "No active call with that id.", param="call_id")
     call = registry.calls.get(call_id)
-    owner = registry.workers.owner(call_id)
-    if call is None and owner is not None and owner != registry.workers.index:
-        return await _forward(registry.workers.internal_ports[owner], request, action)
     if call is None:
+        try:
+            base = await elsewhere(registry, call_id)
+        except ClusterUnavailable:
+            return _cluster_unavailable()
+        if base is not None:
+            return await _forward(base, request, action)
         return error_response(404, "call_not_found", f"No active call with id '{call_id}'.", param="call_id")
     return call
 
 
-async def _forward(port: int, request: web.Request, action: str, query: str = "") -> web.Response:
-    """The call lives in another worker process: pass the request on to it, over loopback
-    (the id is well-formed: `Workers.owner` checked it). `action`: the path after the
-    call's own ('' for the call itself)."""
+class ClusterUnavailable(Exception):
+    pass
+
+
+def _cluster_unavailable() -> web.Response:
+    return error_response(503, "cluster_unavailable", "The cluster's registry (Redis) cannot be reached; try again "
+                          "shortly.", headers={"Retry-After": "2"})
+
+
+async def elsewhere(registry: CallRegistry, call_id: str, *, ended: bool = False) -> Optional[str]:
+    """The base URL of the worker or node that holds `call_id` (`ended`: whose record store
+    has it), if that is not this process; None if no live one does. Only well-formed ids
+    get here (the id goes into a URL path)."""
+    if not CALL_ID.fullmatch(call_id):
+        return None
+    owner = registry.workers.owner(call_id)
+    if owner is not None and owner != registry.workers.index:
+        return f"http://127.0.0.1:{registry.workers.internal_ports[owner]}"
+    if registry.cluster is not None:
+        try:
+            node = await registry.cluster.owner(call_id, ended=ended)
+        except (RedisError, OSError) as exc:
+            logger.warning("cluster: looking up call %s failed: %s", call_id, exc)
+            raise ClusterUnavailable from None
+        if node is not None and node.id != registry.cluster.id:
+            return node.url
+    return None
+
+
+def internal_headers(request: web.Request) -> dict[str, str]:
+    """What a request passed to a sibling worker or another node carries: its credentials
+    and body type, and (to another node) the cluster's token."""
+    headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
+    cluster = request.app[REGISTRY].cluster
+    if cluster is not None:
+        headers[CLUSTER_HEADER] = cluster.token
+        headers["X-Forwarded-For"] = request.remote or ""
+    return headers
+
+
+async def _forward(base: str, request: web.Request, action: str, query: str = "") -> web.Response:
+    """The call lives in another worker process or node: pass the request on to it (the id
+    is well-formed: `elsewhere` checked it). `action`: the path after the call's own ('' for
+    the call itself)."""
     call_id = request.match_info["call_id"]
     path = f"/v1/realtime/calls/{call_id}" + (f"/{action}" if action else "") + (f"?{query}" if query else "")
-    headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
+    headers = internal_headers(request)
     try:
         async with asyncio.timeout(BODY_TIMEOUT_S):
             body = await read_body(request)
@@ -471,13 +628,19 @@ async def _forward(port: int, request: web.Request, action: str, query: str = ""
         return error_response(400, "invalid_body", "The request body could not be read.")
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
-            async with http.request(request.method, f"http://127.0.0.1:{port}{path}", data=body,
-                                    headers=headers) as r:
-                passed = {k: v for k, v in r.headers.items() if k in ("Location", "X-Reconnect-Secret", "Retry-After")}
-                return web.Response(status=r.status, body=await r.read(), headers=passed,
-                                    content_type=r.content_type)
-    except aiohttp.ClientError:
-        return error_response(503, "worker_unavailable", "The worker holding this call did not answer.")
+            async with http.request(request.method, f"{base}{path}", data=body, headers=headers) as r:
+                return await _relayed(r)
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return error_response(503, "worker_unavailable", "The worker or node holding this call did not answer.",
+                              headers={"Retry-After": "1"})
+
+
+RELAYED_HEADERS = ("Location", "X-Reconnect-Secret", "Retry-After", NODE_HEADER)
+
+
+async def _relayed(r: aiohttp.ClientResponse) -> web.Response:
+    passed = {k: v for k, v in r.headers.items() if k in RELAYED_HEADERS}
+    return web.Response(status=r.status, body=await r.read(), headers=passed, content_type=r.content_type)
 
 
 async def _siblings(request: web.Request, path: str, *, text: bool = False) -> list:
@@ -535,7 +698,9 @@ async def readyz(request: web.Request) -> web.Response:
     """For a load balancer: 200 while this process takes calls, 503 (with the reason) when it
     is full or too loaded for another."""
     registry = request.app[REGISTRY]
-    reason = request.app[ADMISSION].overload() if ADMISSION in request.app else None
+    reason = "draining" if registry.draining else None
+    if reason is None and ADMISSION in request.app:
+        reason = request.app[ADMISSION].overload()
     if reason is None and registry.full:
         reason = f"at its limit of {registry.max_calls} calls"
     if reason:
@@ -554,6 +719,9 @@ def _health(request: web.Request) -> dict:
         "worker": registry.workers.index,
         "workers": registry.workers.count,
         "upstream": "local" if settings.uses_local_backend else "remote",
+        "draining": registry.draining,
+        **({"node": registry.cluster.id, "cluster_redis": "ok" if registry.cluster.healthy else "unreachable"}
+           if registry.cluster is not None else {}),
     }
 
 
