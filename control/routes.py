@@ -17,8 +17,10 @@ import logging
 from typing import Any, Awaitable, Callable, Optional
 from urllib.parse import urlencode
 
+import aiohttp
 import websockets
 from aiohttp import WSMsgType, web
+from redis.exceptions import RedisError
 
 from realtime.policy import ClientEventPolicy
 from settings import SIDEBAND_SESSION_FIELDS
@@ -180,10 +182,37 @@ async def list_calls(request: web.Request) -> web.Response:
     if not 1 <= limit <= MAX_LIST:
         return error_response(400, "invalid_value", f"'limit' must be from 1 to {MAX_LIST}.", param="limit")
     records, more = await plane.store.list(since, limit)
+    cluster = request.app[REGISTRY].cluster
+    if cluster is not None and "local" not in request.query:
+        # each node keeps its own calls' records: ask the others too, and merge
+        for reply in await _from_other_nodes(request, cluster, f"/v1/realtime/calls?since={since!r}&limit={limit}&local=1"):
+            records += reply.get("data") or []
+            more = more or bool(reply.get("has_more"))
+        records.sort(key=lambda r: (r.get("created_at") or 0, r.get("id") or ""))
+        more = more or len(records) > limit
+        records = records[:limit]
     body: dict[str, Any] = {"object": "list", "data": records, "has_more": more}
     if more and records:
         body["next_since"] = records[-1]["created_at"]
     return web.json_response(body)
+
+
+async def _from_other_nodes(request: web.Request, cluster, path: str) -> list[dict]:
+    try:
+        nodes = [n for n in await cluster.nodes() if n.id != cluster.id]
+    except (RedisError, OSError):
+        return []
+    headers = {k: v for k, v in internal_headers(request).items() if k.lower() != "content-type"}
+
+    async def one(http: aiohttp.ClientSession, url: str) -> dict:
+        try:
+            async with http.get(url + path, headers=headers) as r:
+                return await r.json() if r.status == 200 else {}
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return {}
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        return list(await asyncio.gather(*(one(http, n.url) for n in nodes)))
 
 
 def add_control_routes(app: web.Application) -> None:

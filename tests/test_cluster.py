@@ -5,11 +5,13 @@ a node killed, the cluster's MAX_CALLS, draining."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 
 import aiohttp
 import pytest
+import websockets
 
 from harness.caller import Caller
 from harness.cluster import ClusterNet
@@ -40,7 +42,7 @@ async def test_three_nodes_place_forward_lose_a_node_fill_up_and_drain(tmp_path)
             common = ["--redis-url", redis_url, "--cluster-secret", "shared-cluster-secret", "--realtime-url",
                       stub.url, "--max-calls", "4", "--offers-per-minute", "0", "--pending-offers-per-address", "0",
                       "--drain-seconds", "20", "--connect-timeout", "60", "--reconnect-grace", "0",
-                      "--media-timeout", "120"]
+                      "--media-timeout", "120", "--admission", "false"]  # placement by calls alone here
             nodes = [net.start_node(i, *common, "--records-db", str(tmp_path / f"node{i}.db"),
                                     env={"BRIDGE_AUTH_TOKEN": TOKEN}) for i in range(3)]
             for node in nodes:
@@ -83,6 +85,19 @@ async def test_three_nodes_place_forward_lose_a_node_fill_up_and_drain(tmp_path)
                 async with http.get(f"{nodes[0].url}/v1/realtime/calls/{on2.call_id}", headers=AUTH) as resp:
                     record = await resp.json()
                 assert resp.status == 200 and record["node"] == "node2" and record["status"] == "ended"
+
+                # the operator's sideband, through any node, reaches the node holding the call
+                on1_first = first[placed.index("node1")]
+                ws_url = f"ws://{nodes[0].address}:{nodes[0].port}/v1/realtime?call_id={on1_first.call_id}"
+                async with websockets.connect(ws_url, additional_headers=AUTH) as ws:
+                    assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "session.created"
+                    await ws.send(json.dumps({"type": "response.create"}))
+                    while json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] != "response.done":
+                        pass
+                # and the list of records covers every node
+                async with http.get(f"{nodes[1].url}/v1/realtime/calls?since=0", headers=AUTH) as resp:
+                    listed = {c["id"]: c["node"] for c in (await resp.json())["data"]}
+                assert listed[on2.call_id] == "node2" and set(listed.values()) == {"node0", "node1", "node2"}
 
                 # 3. the cluster's MAX_CALLS (4) counts every node: two more fit, the next gets 503
                 more = [await call_via(nodes[2], {"Authorization": f"Bearer {key}"}), await call_via(nodes[1])]
