@@ -239,7 +239,7 @@ def write_report(r: dict) -> Path:
         for row in rel["rows"]:
             lines.append(f"| {row['loss_pct']:.0f} | {row['path']} | {_p(row['latency_ms'])} | {row['stalls_per_min']} | {row['lost']} |")
     lines += ["", *_browser_section(r.get("browser_loss") or {"skipped": "not part of this run"})]
-    lines += ["", *admission_section(), "", *reconnect_section()]
+    lines += ["", *admission_section(), "", *reconnect_section(), "", *cluster_section()]
     path = ROOT / "BENCHMARKS.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -422,6 +422,35 @@ def reconnect_section() -> list[str]:
     return lines
 
 
+def cluster_section() -> list[str]:
+    lines = ["## 10. A cluster on this machine: calls sustained by 1, 2 and 3 nodes, and what forwarding adds", ""]
+    c = _result("cluster")
+    if c is None:
+        return lines + ["Not measured yet: run `sudo python bench/cluster.py`."]
+    sig = c["signaling_ms"]
+    lines += [f"From `{c['command']}` on {c['date']}. Nodes are `server.py --redis-url` in network namespaces with a real "
+              "redis-server; the upstream answers at once; callers are cheap full-duplex aiortc peers in the benchmark "
+              "process, pinned to CPU 0 (the nodes may use both cores).", "",
+              "Signaling: the round trip of an offer (SDP answer and upstream set up), made on the node it reached or "
+              "placed by it on another node (forwarded, the answer relayed); ms.", "",
+              "| offer | n | p50 | p95 | p99 | max |", "|---|---|---|---|---|---|"]
+    for way in ("direct", "forwarded"):
+        d = sig[way]
+        lines.append(f"| {way} | {d['n']} | {d['p50']} | {d['p95']} | {d['p99']} | {d['max']} |")
+    adds = sig["forwarding_adds_ms"]
+    lines += ["", f"Forwarding adds **{adds.get('p50')} ms** at p50 and {adds.get('p99')} ms at p99.", "",
+              "Capacity: cheap calls offered to node 0, one a second, until the cluster first refuses one (every node's "
+              "admission says it is loaded); then held 10 s.", "",
+              "| nodes | calls admitted | spread | connected 10 s later | node CPU (cores) | machine busy | why each node refused |",
+              "|---|---|---|---|---|---|---|"]
+    for x in c["capacity"]:
+        why = "; ".join(f"{k}: {v.removeprefix('Not taking calls: ')}" for k, v in x["nodes_at_the_end"].items())
+        lines.append(f"| {x['nodes']} | {x['admitted_calls']} | {', '.join(f'{k} {v}' for k, v in x['spread'].items())} | "
+                     f"{x['still_connected_10s_later']} | {' + '.join(str(v) for v in x['node_cores_while_held'])} | "
+                     f"{x['machine_busy_cores_while_held']} of {x['machine_cores']} | {why} |")
+    return lines
+
+
 def admission_headline() -> list[str]:
     a = _result("admission")
     if a is None:
@@ -481,6 +510,14 @@ def update_readme(r: dict) -> None:
                  f"{rec['outage_s']:g} s and its address changed, audio flows again {rec['uplink_s']['p50']} s (p50; p95 "
                  f"{rec['uplink_s']['p95']} s) after the network is back toward the model, "
                  f"{rec['downlink_s']['p50']} s (p95 {rec['downlink_s']['p95']} s) toward the page, on one upstream session."]
+    cl = _result("cluster")
+    if cl:
+        caps = ", ".join(f"{x['nodes']} node{'s' if x['nodes'] > 1 else ''}: {x['admitted_calls']}" for x in cl["capacity"])
+        adds = cl["signaling_ms"]["forwarding_adds_ms"]
+        rows += ["", f"A cluster on this machine (`bench/cluster.py`, BENCHMARKS.md §10): an offer placed on another node "
+                 f"costs {adds.get('p50')} ms more at p50 ({adds.get('p99')} ms at p99) than one made where it arrived; "
+                 f"calls sustained: {caps} (two cores: the nodes refuse on event-loop lag from sharing them, with the "
+                 "machine about half busy; see §10)."]
     readme = ROOT / "README.md"
     text = readme.read_text()
     start, end = "<!-- figures:start -->", "<!-- figures:end -->"

@@ -38,7 +38,8 @@ class UpSession:
 
 
 class InstantUpstream:
-    def __init__(self, mode: str = "markers", keep_audio: bool = False) -> None:
+    def __init__(self, mode: str = "markers", keep_audio: bool = False, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.mode = mode
         self.keep_audio = keep_audio
         self.sessions: list[UpSession] = []
@@ -46,8 +47,8 @@ class InstantUpstream:
         self.url = ""
 
     async def start(self) -> "InstantUpstream":
-        self._server = await serve(self._handler, "127.0.0.1", 0, max_size=None, compression=None)
-        self.url = f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1/realtime"
+        self._server = await serve(self._handler, self.host, 0, max_size=None, compression=None)
+        self.url = f"ws://{self.host}:{self._server.sockets[0].getsockname()[1]}/v1/realtime"
         return self
 
     async def stop(self) -> None:

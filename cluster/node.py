@@ -142,6 +142,13 @@ class ClusterNode:
             await asyncio.sleep(HEARTBEAT_S)
             await self._beat()
 
+    def me(self, draining: bool) -> NodeInfo:
+        """This node as the registry will see it, measured now (not at the last heartbeat), by the
+        same measures as every other node's entry: placement compares like with like."""
+        load = self._load()
+        return NodeInfo(self.id, self.url, active=load["active"], cpu=load["cpu"], lag_p95=load["lag_p95"],
+                        overload=load["overload"], draining=draining, at=time.time())
+
     async def beat_now(self) -> None:
         """Publish the node's state at once (draining must not wait a heartbeat)."""
         await self._beat()

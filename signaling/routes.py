@@ -26,7 +26,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from cluster.node import CLUSTER_HEADER, NODE_HEADER, ClusterNode, NodeInfo
+from cluster.node import CLUSTER_HEADER, NODE_HEADER, ClusterNode
 from media.ice import PortsExhausted
 from redis.exceptions import RedisError
 from realtime import events
@@ -412,9 +412,7 @@ async def create_call(request: web.Request) -> web.Response:
 async def _place(request: web.Request, registry: CallRegistry, cluster: ClusterNode) -> Optional[web.Response]:
     """Put a new offer on the least-loaded node that can take it: None to make the call here,
     or the answer of the node it was forwarded to (relayed as it came), or a refusal."""
-    admission = request.app[ADMISSION] if ADMISSION in request.app else None
-    me = NodeInfo(cluster.id, cluster.url, active=len(registry.calls),
-                  overload=admission.overload() if admission else None, draining=registry.draining)
+    me = cluster.me(registry.draining)
     try:
         candidates = cluster.placement(await cluster.nodes(), me)
     except (RedisError, OSError) as exc:
