@@ -112,7 +112,7 @@ class Settings:
     rtc_port_range: Optional[tuple[int, int]] = None
     public_ip: tuple[str, ...] = ()
     rtc_interfaces: tuple[str, ...] = ()
-    records_db: str = "data/records.db"
+    records_db: str = field(default="data/records.db", repr=False)  # a database URL can hold a password
     record_audio: Optional[str] = None
     tools_config: Optional[str] = None
     tools: Any = field(default=None, repr=False)  # control.tools.ToolSet, read from tools_config
@@ -159,8 +159,9 @@ class Settings:
     def secrets(self) -> list[Optional[str]]:
         """Everything that must never reach a page, a log line or an error message."""
         extra = self.tools.secrets() if self.tools else []
+        db_password = urlsplit(self.records_db).password if "://" in self.records_db else None
         return [self.api_key, self.auth_token, self.webhook_url, self.webhook_secret, self.turn_secret,
-                self.cluster_secret, self.redis_url, *extra]
+                self.cluster_secret, self.redis_url, db_password, *extra]
 
     def upstream_headers(self) -> dict[str, str]:
         """Auth header for the upstream; the key never goes anywhere else."""
@@ -329,6 +330,17 @@ def _interfaces(v: str) -> tuple[str, ...]:
     return out
 
 
+def _records_db(v: str) -> str:
+    from control.records import StoreError, open_store
+
+    if v.lower() != "none":
+        try:
+            open_store(v)
+        except StoreError as exc:
+            raise ValueError(str(exc)) from None
+    return v
+
+
 def _redis_url(v: str) -> str:
     if urlsplit(v).scheme not in ("redis", "rediss", "unix"):
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
@@ -426,7 +438,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("cors_origins", ("CORS_ORIGINS",), _csv, "comma-separated origins allowed to call the API from other sites ('*' for any; default: same origin only)"),
     Option("client_events", ("ALLOWED_CLIENT_EVENTS",), _csv, "client event types the page may send upstream"),
     Option("session_fields", ("ALLOWED_SESSION_FIELDS",), _csv, "dotted session fields a page's session.update may change"),
-    Option("records_db", ("RECORDS_DB",), str, "SQLite file for call records and the webhook outbox (GET /v1/realtime/calls/{id}); 'none' keeps no records"),
+    Option("records_db", ("RECORDS_DB",), _records_db, "where call records and the webhook outbox are kept (GET /v1/realtime/calls/{id}): an SQLite file, or a postgresql:// URL for several nodes sharing one database; 'none' keeps no records", secret=True, shown="data/records.db"),
     Option("record_audio", ("RECORD_AUDIO",), str, "folder for each call's audio as one stereo Ogg/Opus file (caller left, model right as heard, aligned in time); unset: no recording"),
     Option("tools_config", ("TOOLS_CONFIG",), str, "TOML or YAML file of function tools the bridge runs itself (HTTP endpoints, headers with secrets, timeouts); checked at start"),
     Option("webhook_url", ("WEBHOOK_URL",), _http_url, "after each call, POST its record here (Standard Webhooks signature; retried with backoff, kept across restarts)", secret=True),
@@ -452,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--env-file", default=".env", help="optional dotenv file (default: .env)")
     for opt in OPTIONS:
         default = getattr(_DEFAULTS, opt.name, None) if hasattr(_DEFAULTS, opt.name) else None
-        shown = "" if opt.secret or default in (None, "", ()) else f" (default: {opt.shown or _show(default)})"
+        shown = "" if (opt.secret and not opt.shown) or default in (None, "", ()) else f" (default: {opt.shown or _show(default)})"
         parser.add_argument(
             "--" + opt.name.replace("_", "-"),
             dest=opt.name,
@@ -468,7 +480,7 @@ def markdown_table() -> str:
     rows = ["| flag | environment | default | what it does |", "|---|---|---|---|"]
     for opt in OPTIONS:
         default = getattr(_DEFAULTS, opt.name, None)
-        shown = "—" if opt.secret or default in (None, "", ()) else f"`{opt.shown or _show(default)}`"
+        shown = "—" if (opt.secret and not opt.shown) or default in (None, "", ()) else f"`{opt.shown or _show(default)}`"
         rows.append(f"| `--{opt.name.replace('_', '-')}` | {' / '.join(f'`{e}`' for e in opt.env)} | {shown} | "
                     f"{opt.help.replace('|', '/')} |")
     return "\n".join(rows)

@@ -223,13 +223,17 @@ class ClusterNode:
         return sum(int(v) for k, v in values.items() if k.decode() in live)
 
     async def call_started(self, call_id: str) -> None:
+        """A call made here: its entry, and this node's count published at once (a heartbeat
+        can be a second old, and other nodes place offers by it)."""
         await self.redis.set(PREFIX + "call:" + call_id, self.id, ex=NODE_TTL_S)
+        await self._beat()
 
     async def call_ended(self, call_id: str) -> None:
         pipe = self.redis.pipeline(transaction=False)
         pipe.delete(PREFIX + "call:" + call_id)
         pipe.set(PREFIX + "record:" + call_id, self.id, ex=RECORD_TTL_S)
         await pipe.execute()
+        await self._beat()
 
     async def owner(self, call_id: str, *, ended: bool = False) -> Optional[NodeInfo]:
         """The live node holding a call (or, `ended`, whose store has its record); None if

@@ -19,7 +19,7 @@ from aiohttp import web
 from realtime.policy import ClientEventPolicy
 from settings import SIDEBAND_SESSION_FIELDS, Settings
 
-from .records import RecordStore
+from .records import RecordStore, open_store
 from .tools import CallTools, ToolSet
 from .webhooks import Deliverer
 
@@ -33,7 +33,7 @@ class ControlPlane:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         path = settings.records_db
-        self.store: Optional[RecordStore] = RecordStore(path) if path and path.lower() != "none" else None
+        self.store: Optional[RecordStore] = open_store(path) if path and path.lower() != "none" else None
         self.deliverer: Optional[Deliverer] = None
         if settings.webhook_url and self.store is not None:
             self.deliverer = Deliverer(self.store, settings.webhook_url, settings.webhook_secret or "")

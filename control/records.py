@@ -4,8 +4,10 @@
 events it already handles). `RecordStore` keeps ended records, and the webhook
 outbox, in SQLite (aiosqlite: the sqlite3 calls run on its own thread, so a
 write never blocks the event loop). Several worker processes share one file (WAL
-journal, a busy timeout); a record is written when its call starts (status
-"active") and again when it ends, so a crash leaves a trace.
+journal, a busy timeout). `PostgresStore` is the same for several nodes sharing
+one database (asyncpg), chosen by a `postgresql://` RECORDS_DB. A record is
+written when its call starts (status "active") and again when it ends, so a
+crash leaves a trace.
 
 A record (JSON, the shape `GET /v1/realtime/calls/{id}` returns):
 
@@ -217,12 +219,20 @@ class StoreError(Exception):
     pass
 
 
+def open_store(where: str) -> "RecordStore | PostgresStore":
+    """The store `RECORDS_DB` names: a PostgreSQL URL (shared by several nodes), or an SQLite file."""
+    if where.startswith(("postgres://", "postgresql://")):
+        return PostgresStore(where)
+    if _URL_SCHEMES.match(where):
+        raise StoreError(f"{where.split(':', 1)[0]}:// is not a database this bridge knows: give an SQLite file path "
+                         "or a postgresql:// URL")
+    return RecordStore(where)
+
+
 class RecordStore:
     """Records and the webhook outbox in one SQLite file (`RECORDS_DB`)."""
 
     def __init__(self, path: str) -> None:
-        if _URL_SCHEMES.match(path):
-            raise StoreError(f"{path.split(':', 1)[0]}:// databases are not supported yet; give a file path")
         self.path = path
         self._db: Optional[aiosqlite.Connection] = None
 
@@ -299,5 +309,97 @@ class RecordStore:
         async with self.db.execute("SELECT id, attempts, delivered_at, last_error, next_attempt_at FROM webhook_outbox "
                                    "WHERE call_id = ? ORDER BY created_at", (call_id,)) as cur:
             rows = await cur.fetchall()
+        return [{"id": r[0], "attempts": r[1], "delivered_at": r[2], "last_error": r[3],
+                 "next_attempt_at": None if r[4] == float("inf") else r[4]} for r in rows]
+
+
+_PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    id TEXT PRIMARY KEY, created_at DOUBLE PRECISION NOT NULL, ended_at DOUBLE PRECISION, status TEXT NOT NULL,
+    data JSONB NOT NULL);
+CREATE INDEX IF NOT EXISTS calls_created ON calls (created_at);
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    id TEXT PRIMARY KEY, call_id TEXT NOT NULL, payload TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at DOUBLE PRECISION NOT NULL,
+    claimed_until DOUBLE PRECISION NOT NULL DEFAULT 0, delivered_at DOUBLE PRECISION, last_error TEXT);
+CREATE INDEX IF NOT EXISTS outbox_due ON webhook_outbox (next_attempt_at) WHERE delivered_at IS NULL;
+"""
+
+
+class PostgresStore:
+    """The same store in PostgreSQL (asyncpg), for several nodes sharing one: every node
+    finds every record, and a webhook is claimed by one node at a time (SKIP LOCKED)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path = url.split("@")[-1]  # for messages: no password
+        self._pool = None
+
+    async def open(self) -> None:
+        import asyncpg
+
+        try:
+            self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=4, command_timeout=10)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StoreError(f"PostgreSQL at {self.path} refused: {type(exc).__name__}: {exc}") from None
+        async with self._pool.acquire() as db:
+            await db.execute("SELECT pg_advisory_lock(7301)")  # nodes starting together create the tables once
+            try:
+                await db.execute(_PG_SCHEMA)
+            finally:
+                await db.execute("SELECT pg_advisory_unlock(7301)")
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    @property
+    def pool(self):
+        if self._pool is None:
+            raise StoreError("the record store is not open")
+        return self._pool
+
+    async def save(self, record: dict[str, Any]) -> None:
+        await self.pool.execute(
+            "INSERT INTO calls (id, created_at, ended_at, status, data) VALUES ($1, $2, $3, $4, $5::jsonb) "
+            "ON CONFLICT (id) DO UPDATE SET ended_at = EXCLUDED.ended_at, status = EXCLUDED.status, data = EXCLUDED.data",
+            record["id"], record["created_at"], record.get("ended_at"), record["status"], json.dumps(record))
+
+    async def get(self, call_id: str) -> Optional[dict[str, Any]]:
+        text = await self.pool.fetchval("SELECT data::text FROM calls WHERE id = $1", call_id)
+        return json.loads(text) if text else None
+
+    async def list(self, since: float, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        rows = await self.pool.fetch("SELECT data::text FROM calls WHERE created_at >= $1 ORDER BY created_at, id "
+                                     "LIMIT $2", since, limit + 1)
+        return [json.loads(r[0]) for r in rows[:limit]], len(rows) > limit
+
+    async def enqueue_webhook(self, message_id: str, call_id: str, payload: str) -> None:
+        now = time.time()
+        await self.pool.execute("INSERT INTO webhook_outbox (id, call_id, payload, created_at, next_attempt_at) "
+                                "VALUES ($1, $2, $3, $4, $4) ON CONFLICT (id) DO NOTHING", message_id, call_id, payload, now)
+
+    async def claim_webhooks(self, lease_s: float, limit: int = 20) -> list[tuple[str, str, int]]:
+        now = time.time()
+        rows = await self.pool.fetch(
+            "UPDATE webhook_outbox SET claimed_until = $1 WHERE id IN (SELECT id FROM webhook_outbox WHERE "
+            "delivered_at IS NULL AND next_attempt_at <= $2 AND claimed_until <= $2 ORDER BY next_attempt_at "
+            "LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING id, payload, attempts", now + lease_s, now, limit)
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    async def webhook_delivered(self, message_id: str) -> None:
+        await self.pool.execute("UPDATE webhook_outbox SET delivered_at = $1, attempts = attempts + 1, "
+                                "last_error = NULL WHERE id = $2", time.time(), message_id)
+
+    async def webhook_failed(self, message_id: str, error: str, retry_at: Optional[float]) -> None:
+        await self.pool.execute(
+            "UPDATE webhook_outbox SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, "
+            "claimed_until = 0 WHERE id = $3", error[:500], retry_at if retry_at is not None else float("inf"),
+            message_id)
+
+    async def webhook_status(self, call_id: str) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch("SELECT id, attempts, delivered_at, last_error, next_attempt_at FROM "
+                                     "webhook_outbox WHERE call_id = $1 ORDER BY created_at", call_id)
         return [{"id": r[0], "attempts": r[1], "delivered_at": r[2], "last_error": r[3],
                  "next_attempt_at": None if r[4] == float("inf") else r[4]} for r in rows]

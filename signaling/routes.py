@@ -418,6 +418,8 @@ async def _place(request: web.Request, registry: CallRegistry, cluster: ClusterN
     except (RedisError, OSError) as exc:
         logger.warning("cluster: reading the node registry failed: %s", exc)
         return _cluster_unavailable()
+    logger.debug("cluster: placing an offer: %s", ", ".join(f"{n.id}={n.active}{'*' if n.overload else ''}"
+                                                          for n in candidates) or "no node")
     if not candidates:
         if registry.draining:
             return _shutting_down()

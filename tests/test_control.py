@@ -33,6 +33,20 @@ async def _call(bridge, stub, new_caller, *, freq=None):
     return caller, session
 
 
+async def _record(bridge, call_id: str, until=lambda r: True, timeout: float = 5.0) -> dict:
+    """The call's record, once `until(record)` holds (a record's writes are tasks of their own)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with aiohttp.ClientSession() as http:
+        while True:
+            async with http.get(f"{bridge.url}/v1/realtime/calls/{call_id}", headers=AUTH) as r:
+                record = await r.json()
+            if r.status == 200 and until(record):
+                return record
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"the record never got there: {record}")
+            await asyncio.sleep(0.05)
+
+
 def _sdk(bridge) -> AsyncOpenAI:
     return AsyncOpenAI(api_key=TOKEN, base_url=bridge.url + "/v1")
 
@@ -202,9 +216,7 @@ async def test_a_server_tool_is_called_with_its_secret_and_the_model_gets_the_re
         await asyncio.sleep(0.5)
         assert len(session.events_of("response.create")) == 1
         # the record has the tool call with its duration and the usage
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"{bridge.url}/v1/realtime/calls/{caller.call_id}", headers=AUTH) as r:
-                record = await r.json()
+        record = await _record(bridge, caller.call_id, lambda r: len(r["tool_calls"]) == 2)
         tool = next(t for t in record["tool_calls"] if t["name"] == "lookup_order")
         assert tool["runner"] == "bridge" and tool["status"] == "completed" and tool["duration_ms"] >= 0
         assert json.loads(tool["arguments"]) == {"number": "A-1001"}
@@ -212,10 +224,8 @@ async def test_a_server_tool_is_called_with_its_secret_and_the_model_gets_the_re
         assert page_tool["runner"] is None and page_tool["status"] == "pending"
         caller.send_event({"type": "conversation.item.create", "item": {
             "type": "function_call_output", "call_id": page_tool["call_id"], "output": "{}"}})
-        await asyncio.sleep(0.3)
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"{bridge.url}/v1/realtime/calls/{caller.call_id}", headers=AUTH) as r:
-                record = await r.json()
+        record = await _record(bridge, caller.call_id, lambda r: r["tool_calls"][1]["status"] == "completed"
+                               and r["usage"]["responses"] == 3)
         page_tool = next(t for t in record["tool_calls"] if t["name"] == "page_tool")
         assert page_tool["runner"] == "page" and page_tool["status"] == "completed"
         # two function-call responses (30 each) and the reply to the tool output (100)
@@ -299,9 +309,7 @@ async def test_a_record_holds_transcripts_barge_ins_and_the_end_and_survives_a_r
         assert live["status"] == "active" and live["connected_at"] >= live["created_at"]
         assert await caller.hangup() == 200
         await bridge.wait_no_calls()
-        await asyncio.sleep(0.2)  # the last write is its own task
-        async with http.get(f"{bridge.url}/v1/realtime/calls/{caller.call_id}", headers=AUTH) as r:
-            record = await r.json()
+    record = await _record(bridge, caller.call_id, lambda r: r["status"] == "ended")
     assert record["status"] == "ended" and record["end_reason"] == "hung up by the client"
     assert record["end_category"] == "hangup" and record["ended_at"] >= record["connected_at"]
     said = [(t["role"], t["text"]) for t in record["transcript"]]
@@ -368,9 +376,8 @@ async def test_a_webhook_is_signed_retried_after_failures_and_verified_by_the_re
         assert payload["data"]["transcript"][-1]["text"] == "bye"
         with pytest.raises(Exception):
             Webhook("whsec_" + "A" * 32).verify(body, headers)  # another key does not verify
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"{bridge.url}/v1/realtime/calls/{caller.call_id}", headers=AUTH) as r:
-                status = (await r.json())["webhooks"]
+        record = await _record(bridge, caller.call_id, lambda r: (r.get("webhooks") or [{}])[0].get("delivered_at"))
+        status = record["webhooks"]
         assert status[0]["attempts"] == 3 and status[0]["delivered_at"] is not None
         assert TOKEN not in body and WEBHOOK_SECRET not in body
     finally:
