@@ -17,7 +17,6 @@ import logging
 from typing import Any, Awaitable, Callable, Optional
 from urllib.parse import urlencode
 
-import aiohttp
 import websockets
 from aiohttp import WSMsgType, web
 from redis.exceptions import RedisError
@@ -27,7 +26,7 @@ from settings import SIDEBAND_SESSION_FIELDS
 from signaling.auth import bearer
 from signaling.errors import error_response
 from signaling.routes import (CALL_ID, KEYS, REGISTRY, SETTINGS, ClusterUnavailable, _cluster_unavailable, _forward,
-                             elsewhere, internal_headers)
+                             elsewhere, gather_reports, internal_headers)
 
 from .plane import PLANE
 from .sideband import Sideband
@@ -203,16 +202,7 @@ async def _from_other_nodes(request: web.Request, cluster, path: str) -> list[di
     except (RedisError, OSError):
         return []
     headers = {k: v for k, v in internal_headers(request).items() if k.lower() != "content-type"}
-
-    async def one(http: aiohttp.ClientSession, url: str) -> dict:
-        try:
-            async with http.get(url + path, headers=headers) as r:
-                return await r.json() if r.status == 200 else {}
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-            return {}
-
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
-        return list(await asyncio.gather(*(one(http, n.url) for n in nodes)))
+    return await gather_reports([n.url + path for n in nodes], headers=headers)
 
 
 def add_control_routes(app: web.Application) -> None:

@@ -202,6 +202,19 @@ async def read_body(request: web.Request) -> bytes:
     return bytes(body)
 
 
+async def _raw_body(request: web.Request) -> "bytes | web.Response":
+    """The body as it came (to pass on to another worker or node), or the error reply."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            return await read_body(request)
+    except TimeoutError:
+        return _body_timeout()
+    except _TooLarge:
+        return error_response(413, "body_too_large", f"Request body exceeds {MAX_OFFER_BYTES} bytes.")
+    except _BadRequest as exc:
+        return error_response(400, exc.code, str(exc), param=exc.param)
+
+
 def _body_timeout() -> web.Response:
     return error_response(408, "request_timeout", f"The request body did not arrive within {BODY_TIMEOUT_S:g} s.",
                           headers={"Connection": "close"})
@@ -427,15 +440,9 @@ async def _place(request: web.Request, registry: CallRegistry, cluster: ClusterN
                               "shortly.", headers={"Retry-After": "2"})
     if candidates[0].id == cluster.id:
         return None
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT_S):
-            body = await read_body(request)
-    except TimeoutError:
-        return _body_timeout()
-    except _TooLarge:
-        return error_response(413, "body_too_large", f"Request body exceeds {MAX_OFFER_BYTES} bytes.")
-    except _BadRequest as exc:
-        return error_response(400, exc.code, str(exc), param=exc.param)
+    body = await _raw_body(request)
+    if isinstance(body, web.Response):
+        return body
     headers = internal_headers(request)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         for node in [c for c in candidates if c.id != cluster.id][:3]:
@@ -621,11 +628,9 @@ async def _forward(base: str, request: web.Request, action: str, query: str = ""
     call_id = request.match_info["call_id"]
     path = f"/v1/realtime/calls/{call_id}" + (f"/{action}" if action else "") + (f"?{query}" if query else "")
     headers = internal_headers(request)
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT_S):
-            body = await read_body(request)
-    except (TimeoutError, _TooLarge, _BadRequest):
-        return error_response(400, "invalid_body", "The request body could not be read.")
+    body = await _raw_body(request)
+    if isinstance(body, web.Response):
+        return body
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
             async with http.request(request.method, f"{base}{path}", data=body, headers=headers) as r:
@@ -649,18 +654,24 @@ async def _siblings(request: web.Request, path: str, *, text: bool = False) -> l
     if workers.count == 1 or "local" in request.query:
         return []
     query = urlencode([("local", "1"), *((k, v) for k, v in request.query.items() if k == "since")])
-    urls = [f"http://127.0.0.1:{port}{path}?{query}"
-            for i, port in enumerate(workers.internal_ports) if i != workers.index]
+    return await gather_reports([f"http://127.0.0.1:{port}{path}?{query}"
+                                 for i, port in enumerate(workers.internal_ports) if i != workers.index], text=text)
 
+
+async def gather_reports(urls: list[str], *, headers: Optional[dict[str, str]] = None, text: bool = False) -> list:
+    """GET each URL (other workers, other nodes) at once: the JSON (or text) of those that
+    answered 200; the others are left out of the view, not waited for past 5 s."""
     async def one(http: aiohttp.ClientSession, url: str):
-        async with http.get(url) as r:
-            return await r.text() if text else await r.json()
+        try:
+            async with http.get(url, headers=headers) as r:
+                if r.status != 200:
+                    return None
+                return await r.text() if text else await r.json()
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return None
 
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
-            return list(await asyncio.gather(*(one(http, u) for u in urls)))
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        return []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        return [x for x in await asyncio.gather(*(one(http, u) for u in urls)) if x is not None]
 
 
 def _combine(reports: list[dict]) -> dict:
