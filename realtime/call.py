@@ -28,6 +28,7 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.exceptions import InvalidStateError
 from aiortc.rtcdatachannel import RTCDataChannel
 
+from control.records import CallRecord
 from media import downlink, ice, jitter, negotiate
 from media.downlink import OpusPacker
 from media.mic import MicPump, MicTimeout
@@ -41,7 +42,6 @@ from .pagefit import fit_for_page
 from .policy import ClientEventPolicy
 from . import sctpcap
 from .conversation import Action, Conversation, Cut, EndOfAudio, FlushPlayback, Forget, Play, ToPage, ToUpstream
-from control.records import CallRecord
 from .redaction import redact
 from .upstream import RETRYABLE_CLOSE_CODES, UpstreamError, UpstreamSession
 
@@ -422,7 +422,6 @@ class Call:
                 pb.frames, pb.audio_frames, pb.late_frames, pb.reanchors, self._downlink_summary(),
                 self.upstream.sent_events, self.upstream.received_events,
             )
-            pb = self.playback.stats
             self.record.finish(self.reason or "ended", {
                 **self.audio_counters(), "playback": {"frames": pb.frames, "audio_frames": pb.audio_frames,
                                                       "late_frames": pb.late_frames, "reanchors": pb.reanchors,
@@ -772,7 +771,6 @@ class Call:
         finally:
             self._client_source = "bridge"
 
-
     def execute(self, actions: list[Action]) -> None:
         """Carry out what the conversation core decided, in order."""
         for action in actions:
@@ -879,6 +877,8 @@ class Call:
                 self._turn_ended_at = None
         elif kind == Server.SPEECH_STOPPED:
             self._turn_ended_at = time.monotonic()
+        elif kind in (Server.SPEECH_STARTED, Server.RESPONSE_DONE):
+            self._turn_ended_at = None  # a new turn, or a reply with no audio: nothing to time
         if self._replay is not None and self._filter_replay(event):
             return
         if kind in (Server.ITEM_ADDED, Server.ITEM_DONE) and (event.get("item") or {}).get("id") in self._replayed_ids:

@@ -617,7 +617,6 @@ def internal_headers(request: web.Request) -> dict[str, str]:
     cluster = request.app[REGISTRY].cluster
     if cluster is not None:
         headers[CLUSTER_HEADER] = cluster.token
-        headers["X-Forwarded-For"] = request.remote or ""
     return headers
 
 
