@@ -2,7 +2,7 @@
 
 GET /v1/realtime?call_id={id}        the sideband WebSocket (control/sideband.py)
 GET /v1/realtime/calls/{id}          a call's record: live, or from the record store
-GET /v1/realtime/calls?since=&limit= records created since a Unix time, oldest first
+GET /v1/realtime/calls?since=&limit= records created since a time (Unix seconds or ISO 8601), oldest first
 
 With several workers, a live call's record and its sideband are served by the
 worker that holds the call (forwarded over loopback); ended records come from
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from datetime import datetime, timezone
 import logging
 from typing import Any, Awaitable, Callable, Optional
 from urllib.parse import urlencode
@@ -174,10 +175,11 @@ async def list_calls(request: web.Request) -> web.Response:
     if plane.store is None:
         return error_response(404, "records_disabled", "This server keeps no call records (RECORDS_DB=none).")
     try:
-        since = float(request.query.get("since", "0"))
+        since = _instant(request.query.get("since", "0"))
         limit = int(request.query.get("limit", "20"))
     except ValueError:
-        return error_response(400, "invalid_value", "'since' is a Unix time in seconds and 'limit' an integer.")
+        return error_response(400, "invalid_value", "'since' is a Unix time in seconds or an ISO 8601 time "
+                              "(2026-12-01T10:00:00Z), and 'limit' an integer.")
     if not 1 <= limit <= MAX_LIST:
         return error_response(400, "invalid_value", f"'limit' must be from 1 to {MAX_LIST}.", param="limit")
     records, more = await plane.store.list(since, limit)
@@ -194,6 +196,15 @@ async def list_calls(request: web.Request) -> web.Response:
     if more and records:
         body["next_since"] = records[-1]["created_at"]
     return web.json_response(body)
+
+
+def _instant(text: str) -> float:
+    """Unix seconds from `1764583200.5` or `2026-12-01T10:00:00Z` (no zone: UTC)."""
+    try:
+        return float(text)
+    except ValueError:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "+"))  # '+' arrives as a space
+        return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 
 async def _from_other_nodes(request: web.Request, cluster, path: str) -> list[dict]:

@@ -334,6 +334,14 @@ async def test_a_record_holds_transcripts_barge_ins_and_the_end_and_survives_a_r
             assert [c["id"] for c in listed["data"]] == [caller.call_id] and listed["has_more"] is False
             async with http.get(f"{again.url}/v1/realtime/calls?since=oops", headers=AUTH) as r:
                 assert r.status == 400
+            from datetime import datetime, timezone
+
+            iso = datetime.fromtimestamp(record["created_at"] - 1, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            async with http.get(f"{again.url}/v1/realtime/calls", params={"since": iso}, headers=AUTH) as r:
+                assert [c["id"] for c in (await r.json())["data"]] == [caller.call_id]  # ISO 8601 too
+            later = datetime.fromtimestamp(record["created_at"] + 5, timezone.utc).isoformat()
+            async with http.get(f"{again.url}/v1/realtime/calls", params={"since": later}, headers=AUTH) as r:
+                assert (await r.json())["data"] == []
             async with http.get(f"{again.url}/v1/realtime/calls/rtc_0123456789abcdef012345", headers=AUTH) as r:
                 assert r.status == 404
     finally:
