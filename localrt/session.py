@@ -24,7 +24,7 @@ from media.resample import StreamResampler
 from realtime import events
 from realtime.events import Client, ErrorCode, Event, Server
 
-from .responder import Responder, ResponderError
+from .responder import Responder, ResponderError, Said, ToolCall
 from .stt import STTPool, Transcriber
 from .tts import Speaker, TTSError
 from .vad import VAD_RATE, TurnDetector
@@ -395,6 +395,9 @@ class LocalSession:
             await self._error("Missing required parameter: 'item'.", ErrorCode.MISSING_PARAMETER, "item", eid)
             return
         kind = item.get("type", "message")
+        if kind in ("function_call_output", "function_call"):
+            await self._add_function_item(item, event)
+            return
         if kind != "message":
             await self._error(f"Item type '{kind}' is not supported by the local backend.", ErrorCode.INVALID_VALUE, "item.type", eid)
             return
@@ -410,6 +413,26 @@ class LocalSession:
             await self._error(f"Item with id '{item['id']}' already exists.", ErrorCode.INVALID_VALUE, "item.id", eid)
             return
         previous = event.get("previous_item_id", next(reversed(self.items), None))
+        self.items[item["id"]] = item
+        await self.send({"type": Server.ITEM_ADDED, "previous_item_id": previous, "item": item})
+        await self.send({"type": Server.ITEM_DONE, "previous_item_id": previous, "item": item})
+
+    async def _add_function_item(self, item: dict[str, Any], event: Event) -> None:
+        """A tool's result (`function_call_output`: call_id, output) or a call (`function_call`:
+        call_id, name, arguments), for the model to read on its next response."""
+        eid = event.get("event_id")
+        needed = ("call_id", "output") if item["type"] == "function_call_output" else ("call_id", "name", "arguments")
+        for key in needed:
+            if not isinstance(item.get(key), str):
+                await self._error(f"Missing required parameter: 'item.{key}' (a string).", ErrorCode.MISSING_PARAMETER,
+                                  f"item.{key}", eid)
+                return
+        item = {"object": "realtime.item", "status": "completed", **{k: item[k] for k in needed},
+                "type": item["type"], "id": item.get("id") if isinstance(item.get("id"), str) else events.new_id("item")}
+        if item["id"] in self.items:
+            await self._error(f"Item with id '{item['id']}' already exists.", ErrorCode.INVALID_VALUE, "item.id", eid)
+            return
+        previous = next(reversed(self.items), None)
         self.items[item["id"]] = item
         await self.send({"type": Server.ITEM_ADDED, "previous_item_id": previous, "item": item})
         await self.send({"type": Server.ITEM_DONE, "previous_item_id": previous, "item": item})
@@ -493,13 +516,18 @@ class LocalSession:
         items = list(self.items.values())
         if params.get("conversation") == "none":
             items = [i for i in params.get("input") or [] if isinstance(i, dict)]
-        out = []
+        out: list[dict[str, Any]] = []
         for item in items:
-            if item.get("type") != "message":
-                continue
-            text = " ".join(filter(None, (c.get("text") or c.get("transcript") for c in item.get("content") or [])))
-            if text.strip():
-                out.append({"role": item.get("role", "user"), "content": text.strip()})
+            if item.get("type") == "function_call":  # in chat-completions' shape, for the model
+                out.append({"role": "assistant", "content": None, "tool_calls": [{
+                    "id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}}]})
+            elif item.get("type") == "function_call_output":
+                out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": item.get("output") or ""})
+            elif item.get("type") == "message":
+                text = " ".join(filter(None, (c.get("text") or c.get("transcript") for c in item.get("content") or [])))
+                if text.strip():
+                    out.append({"role": item.get("role", "user"), "content": text.strip()})
         return out
 
     async def _run_response(self, rid: str, params: dict[str, Any]) -> None:
@@ -512,36 +540,26 @@ class LocalSession:
                     "audio": {"output": {"format": out_cfg["format"], "voice": out_cfg["voice"]}},
                     "usage": None, "metadata": params.get("metadata")}
         await self.send({"type": Server.RESPONSE_CREATED, "response": copy.deepcopy(response)})
-        item_id = events.new_id("item")
-        part_type = "output_audio" if audio_mode else "output_text"
-        item = {"id": item_id, "object": "realtime.item", "type": "message", "status": "in_progress",
-                "role": "assistant", "content": []}
-        in_conversation = response["conversation_id"] is not None
-        previous = next(reversed(self.items), None)
-        if in_conversation:
-            self.items[item_id] = item
-        base = {"response_id": rid, "item_id": item_id, "output_index": 0, "content_index": 0}
-        await self.send({"type": Server.OUTPUT_ITEM_ADDED, "response_id": rid, "output_index": 0, "item": copy.deepcopy(item)})
-        if in_conversation:
-            await self.send({"type": Server.ITEM_ADDED, "previous_item_id": previous, "item": copy.deepcopy(item)})
-        part: dict[str, Any] = {"type": part_type, "transcript": ""} if audio_mode else {"type": "output_text", "text": ""}
-        item["content"].append(part)
-        await self.send({"type": Server.CONTENT_PART_ADDED, **base, "part": dict(part)})
-        meta = {"audio_ms": 0, "segments": []}
-        if audio_mode:
-            self._audio_meta[item_id] = meta
-        text = ""
+        out = _Output(self, response, audio_mode)
         status, details = "completed", None
         try:
             instructions = params.get("instructions", self.config["instructions"])
-            async for sentence in sentences(self.responder.respond(instructions, self._messages(params))):
-                text += sentence
-                key = "transcript" if audio_mode else "text"
-                part[key] = text
-                if not audio_mode:
-                    await self.send({"type": Server.OUTPUT_TEXT_DELTA, **base, "delta": sentence})
+            tools = params.get("tools", self.config.get("tools")) or []
+            choice = params.get("tool_choice", self.config.get("tool_choice", "auto"))
+            async for said in sentences(self.responder.respond(instructions, self._messages(params), tools, choice)):
+                if isinstance(said, ToolCall):
+                    await out.close_message()
+                    await out.function_call(said)
                     continue
-                await self.send({"type": Server.OUTPUT_TRANSCRIPT_DELTA, **base, "delta": sentence})
+                sentence = said
+                message = await out.message()
+                message.text += sentence
+                message.part["transcript" if audio_mode else "text"] = message.text
+                if not audio_mode:
+                    await self.send({"type": Server.OUTPUT_TEXT_DELTA, **message.base, "delta": sentence})
+                    continue
+                await self.send({"type": Server.OUTPUT_TRANSCRIPT_DELTA, **message.base, "delta": sentence})
+                meta = message.meta
                 start = meta["audio_ms"]
                 samples = 0
                 pending = b""
@@ -549,11 +567,11 @@ class LocalSession:
                     self._voice_locked = True
                     pending += pcm
                     while len(pending) >= AUDIO_CHUNK_BYTES:
-                        samples += await self._audio_delta(base, pending[:AUDIO_CHUNK_BYTES])
+                        samples += await self._audio_delta(message.base, pending[:AUDIO_CHUNK_BYTES])
                         pending = pending[AUDIO_CHUNK_BYTES:]
                         meta["audio_ms"] = start + samples_to_ms(samples)
                 if pending:
-                    samples += await self._audio_delta(base, pending)
+                    samples += await self._audio_delta(message.base, pending)
                 meta["audio_ms"] = start + samples_to_ms(samples)
                 meta["segments"].append((start, meta["audio_ms"], sentence))
         except asyncio.CancelledError:
@@ -562,7 +580,10 @@ class LocalSession:
             status, details = "failed", {"type": "failed", "error": {"type": "server_error", "code": "local_backend_error", "message": str(exc)}}
             await self._error(f"Response failed: {exc}", "local_backend_error")
         try:
-            await self._finish_response(response, item, part, base, text, status, details, audio_mode, in_conversation)
+            if not response["output"] or out.current is not None:
+                await out.message()  # a response says something, if only an empty message
+            await out.close_message(status)
+            await self._finish_response(response, out.spoken, status, details)
         finally:
             self._cancel_reason = "client_cancelled"
 
@@ -570,21 +591,10 @@ class LocalSession:
         await self.send({"type": Server.OUTPUT_AUDIO_DELTA, **base, "delta": base64.b64encode(pcm).decode("ascii")})
         return len(pcm) // 2
 
-    async def _finish_response(self, response, item, part, base, text, status, details, audio_mode, in_conversation) -> None:
-        rid = response["id"]
-        if audio_mode:
-            await self.send({"type": Server.OUTPUT_AUDIO_DONE, **base})
-            await self.send({"type": Server.OUTPUT_TRANSCRIPT_DONE, **base, "transcript": text})
-        else:
-            await self.send({"type": Server.OUTPUT_TEXT_DONE, **base, "text": text})
-        await self.send({"type": Server.CONTENT_PART_DONE, **base, "part": dict(part)})
-        item["status"] = "completed" if status == "completed" else "incomplete"
-        await self.send({"type": Server.OUTPUT_ITEM_DONE, "response_id": rid, "output_index": 0, "item": copy.deepcopy(item)})
-        if in_conversation:
-            await self.send({"type": Server.ITEM_DONE, "item": copy.deepcopy(item)})
+    async def _finish_response(self, response, text, status, details) -> None:
         out_tokens = max(1, len(text.split()))
-        in_tokens = sum(len(m["content"].split()) for m in self._messages({}))
-        response.update(status=status, status_details=details, output=[copy.deepcopy(item)], usage={
+        in_tokens = sum(len(str(m.get("content") or "").split()) for m in self._messages({}))
+        response.update(status=status, status_details=details, usage={
             "total_tokens": in_tokens + out_tokens, "input_tokens": in_tokens, "output_tokens": out_tokens,
             "input_token_details": {"text_tokens": in_tokens, "audio_tokens": 0, "cached_tokens": 0},
             "output_token_details": {"text_tokens": out_tokens, "audio_tokens": 0}})
@@ -604,10 +614,100 @@ class LocalSession:
     }
 
 
-async def sentences(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Re-chunk streamed text into sentences, so speech starts after the first one."""
+class _Message:
+    def __init__(self, item: dict[str, Any], part: dict[str, Any], base: dict[str, Any], meta: dict[str, Any]) -> None:
+        self.item, self.part, self.base, self.meta = item, part, base, meta
+        self.text = ""
+
+
+class _Output:
+    """A response's output items, in order: assistant messages (opened when there is something
+    to say) and function calls (a tool the model called)."""
+
+    def __init__(self, session: "LocalSession", response: dict[str, Any], audio_mode: bool) -> None:
+        self.s, self.response, self.audio_mode = session, response, audio_mode
+        self.in_conversation = response["conversation_id"] is not None
+        self.current: Optional[_Message] = None
+        self.spoken = ""
+
+    def _add(self, item: dict[str, Any]) -> tuple[int, Optional[str]]:
+        index = len(self.response["output"])
+        self.response["output"].append(item)
+        previous = next(reversed(self.s.items), None)
+        if self.in_conversation:
+            self.s.items[item["id"]] = item
+        return index, previous
+
+    async def message(self) -> _Message:
+        if self.current is not None:
+            return self.current
+        rid = self.response["id"]
+        item = {"id": events.new_id("item"), "object": "realtime.item", "type": "message", "status": "in_progress",
+                "role": "assistant", "content": []}
+        index, previous = self._add(item)
+        base = {"response_id": rid, "item_id": item["id"], "output_index": index, "content_index": 0}
+        await self.s.send({"type": Server.OUTPUT_ITEM_ADDED, "response_id": rid, "output_index": index,
+                           "item": copy.deepcopy(item)})
+        if self.in_conversation:
+            await self.s.send({"type": Server.ITEM_ADDED, "previous_item_id": previous, "item": copy.deepcopy(item)})
+        part: dict[str, Any] = ({"type": "output_audio", "transcript": ""} if self.audio_mode
+                                else {"type": "output_text", "text": ""})
+        item["content"].append(part)
+        await self.s.send({"type": Server.CONTENT_PART_ADDED, **base, "part": dict(part)})
+        meta = {"audio_ms": 0, "segments": []}
+        if self.audio_mode:
+            self.s._audio_meta[item["id"]] = meta
+        self.current = _Message(item, part, base, meta)
+        return self.current
+
+    async def close_message(self, status: str = "completed") -> None:
+        m, self.current = self.current, None
+        if m is None:
+            return
+        base, rid = m.base, self.response["id"]
+        if self.audio_mode:
+            await self.s.send({"type": Server.OUTPUT_AUDIO_DONE, **base})
+            await self.s.send({"type": Server.OUTPUT_TRANSCRIPT_DONE, **base, "transcript": m.text})
+        else:
+            await self.s.send({"type": Server.OUTPUT_TEXT_DONE, **base, "text": m.text})
+        await self.s.send({"type": Server.CONTENT_PART_DONE, **base, "part": dict(m.part)})
+        m.item["status"] = "completed" if status == "completed" else "incomplete"
+        await self.s.send({"type": Server.OUTPUT_ITEM_DONE, "response_id": rid, "output_index": base["output_index"],
+                           "item": copy.deepcopy(m.item)})
+        if self.in_conversation:
+            await self.s.send({"type": Server.ITEM_DONE, "item": copy.deepcopy(m.item)})
+        self.spoken += m.text
+
+    async def function_call(self, call: ToolCall) -> None:
+        rid = self.response["id"]
+        item = {"id": events.new_id("item"), "object": "realtime.item", "type": "function_call",
+                "status": "in_progress", "call_id": call.call_id, "name": call.name, "arguments": ""}
+        index, previous = self._add(item)
+        await self.s.send({"type": Server.OUTPUT_ITEM_ADDED, "response_id": rid, "output_index": index,
+                           "item": copy.deepcopy(item)})
+        if self.in_conversation:
+            await self.s.send({"type": Server.ITEM_ADDED, "previous_item_id": previous, "item": copy.deepcopy(item)})
+        base = {"response_id": rid, "item_id": item["id"], "output_index": index, "call_id": call.call_id}
+        await self.s.send({"type": Server.FUNCTION_ARGS_DELTA, **base, "delta": call.arguments})
+        await self.s.send({"type": Server.FUNCTION_ARGS_DONE, **base, "name": call.name, "arguments": call.arguments})
+        item.update(status="completed", arguments=call.arguments)
+        await self.s.send({"type": Server.OUTPUT_ITEM_DONE, "response_id": rid, "output_index": index,
+                           "item": copy.deepcopy(item)})
+        if self.in_conversation:
+            await self.s.send({"type": Server.ITEM_DONE, "item": copy.deepcopy(item)})
+
+
+async def sentences(chunks: AsyncIterator[Said]) -> AsyncIterator[Said]:
+    """Re-chunk streamed text into sentences, so speech starts after the first one (a tool
+    call passes straight through, after the text before it)."""
     pending = ""
     async for chunk in chunks:
+        if isinstance(chunk, ToolCall):
+            if pending.strip():
+                yield pending
+            pending = ""
+            yield chunk
+            continue
         pending += chunk
         while True:
             m = _SENTENCE_END.search(pending)
