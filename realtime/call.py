@@ -148,6 +148,7 @@ class Call:
         self.node_id: Optional[str] = None  # the cluster node holding the call (with REDIS_URL)
         self.observe: Callable[[str, float], None] = lambda what, seconds: None  # metrics' histograms
         self._turn_ended_at: Optional[float] = None  # the caller's last speech_stopped, until the reply's audio
+        self._answer_again = False  # a response was cut off by an upstream handoff: ask the new session
 
     # -- setup ---------------------------------------------------------------------
 
@@ -597,6 +598,7 @@ class Call:
         old = self.upstream
         if not planned:
             self._swap_upstream(new)
+            self._orphaned_response()
         try:
             await new.connect(events.session_update(self.settings.session_config()))
         except UpstreamError as exc:
@@ -610,6 +612,26 @@ class Call:
             await asyncio.wait_for(old.close(), 2.0)
         except (asyncio.TimeoutError, OSError):
             pass
+
+    def _orphaned_response(self) -> None:
+        """The session that went away was answering: the rest of that answer will never come.
+        What is buffered of it is dropped (a new answer follows, and two would overlap), the
+        page is told it ended, and once the new session has the conversation it is asked to
+        answer again (`_finish_replay`)."""
+        rid = self.conversation.active_response
+        if rid is None:
+            return
+        self.conversation.barge_in()  # marks it cut (its late audio, if any, is dropped); no truncate: the item died with its session
+        flushed = self.playback.flush()
+        if flushed:
+            self.to_page(events.output_audio_buffer(Server.OUTPUT_AUDIO_CLEARED, rid))
+        self.execute(self.conversation.from_upstream({
+            "type": Server.RESPONSE_DONE, "event_id": events.event_id(), "response": {
+                "id": rid, "object": "realtime.response", "status": "incomplete", "output": [],
+                "status_details": {"type": "incomplete", "reason": "upstream_session_replaced"}}}))
+        self._answer_again = True
+        logger.info("call %s: response %s was cut off with its upstream session; asking the new one to answer again",
+                    self.id, rid)
 
     def _swap_upstream(self, new: UpstreamSession) -> None:
         for task in self._upstream_tasks:
@@ -654,6 +676,9 @@ class Call:
         f, self._replay = self._replay, None
         if f is not None and f.last_session is not None:
             self.execute(self.conversation.from_upstream(f.last_session))  # the page's one session.updated
+        if self._answer_again:
+            self._answer_again = False
+            self.send_upstream({"type": Client.RESPONSE_CREATE, "event_id": events.event_id()})
 
     async def _watch_lifetime(self) -> None:
         """Before the upstream's session limit (OpenAI: 60 minutes), move to a new session

@@ -90,3 +90,32 @@ async def test_a_normal_close_is_not_handed_off(bridge, stub, new_caller):
     assert "code 1000" in err["error"]["message"]
     await bridge.wait_no_calls()
     assert len(stub.sessions) == 1
+
+
+async def test_a_session_lost_mid_answer_is_replaced_and_the_new_one_answers_again(bridge, stub, new_caller):
+    caller, first = await connected_call(bridge, stub, new_caller, freq=300)
+    await first.send({"type": "conversation.item.input_audio_transcription.completed", "item_id": "item_user_1",
+                      "content_index": 0, "transcript": "Tell me a long story."})
+    stub.realtime_pacing = True
+    reply = asyncio.create_task(stub.respond(first, ms=6000, text="Once upon a time there was a bridge."))
+    await caller.wait_event("output_audio_buffer.started", 10)
+    await asyncio.sleep(0.5)
+    await first.ws.close(1011, "internal server error")  # gone mid-answer
+    await asyncio.gather(reply, return_exceptions=True)
+    await eventually(lambda: len(stub.sessions) == 2, 10, "a new upstream session")
+    second = stub.sessions[1]
+    # the page is told the cut-off answer ended, and its buffered rest is dropped
+    done = await caller.wait_event("response.done", 10)
+    assert done["response"]["status"] == "incomplete"
+    assert done["response"]["status_details"]["reason"] == "upstream_session_replaced"
+    assert caller.events_of("output_audio_buffer.cleared")
+    # the new session gets the conversation, then is asked to answer again: the caller hears an answer
+    await eventually(lambda: second.events_of("response.create"), 10, "response.create to the new session")
+    kinds = [e["type"] for e in second.received]
+    assert kinds.index("response.create") > max(i for i, k in enumerate(kinds) if k == "conversation.item.create")
+    assert _creates(second)[0]["content"][0]["text"] == "Tell me a long story."
+    await eventually(lambda: len(caller.events_of("response.done")) >= 2, 15, "the new answer done")
+    assert caller.events_of("response.done")[-1]["response"]["status"] == "completed"
+    call = bridge.registry.calls[caller.call_id]
+    assert call.conversation.active_response is None and call.reason is None
+    assert call.conversation.tracked["responses"] == 0  # nothing of the lost answer kept
