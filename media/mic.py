@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Optional
 
@@ -58,9 +59,11 @@ class MicPump:
         self._resampler = StreamResampler(REALTIME_RATE, "mono")  # one per call: it is stateful
         self._next_pts: Optional[int] = None
         self.stats = MicStats()
+        self.last_frame_at: Optional[float] = None  # monotonic: when the caller's audio last came
 
     async def run(self) -> None:
-        """Pump until the track ends. Raises MicTimeout if the caller goes silent on RTP."""
+        """Pump until the track ends. Raises MicTimeout if the caller goes silent on RTP for
+        `timeout_s` (0: never; the call then watches `last_frame_at` itself, to hold it)."""
         while True:
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that
@@ -71,6 +74,7 @@ class MicPump:
                 return
             except asyncio.TimeoutError:
                 raise MicTimeout(f"no audio from the caller for {self._timeout_s:g} s") from None
+            self.last_frame_at = time.monotonic()
             concealed = self._conceal_gap(frame)  # reads pts, which the resampler then overwrites
             pcm = concealed + self._resampler.frame(frame).tobytes()
             self.stats.frames += 1

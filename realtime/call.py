@@ -241,8 +241,10 @@ class Call:
         track = self._remote_track
         if track is None:
             return
-        # Start reading at once: unread frames pile up in aiortc's unbounded queue.
-        self.mic = MicPump(track, self._on_mic_audio, timeout_s=self.settings.media_timeout)
+        # Start reading at once: unread frames pile up in aiortc's unbounded queue. With a
+        # reconnect grace, silence holds the call (`_watch_uplink`) instead of ending it.
+        self.mic = MicPump(track, self._on_mic_audio,
+                           timeout_s=0.0 if self.settings.reconnect_grace > 0 else self.settings.media_timeout)
         self._spawn(self._run_mic(), "mic", peer=True)
 
     async def open_upstream(self) -> None:
@@ -291,7 +293,7 @@ class Call:
             return
         self.held_since = time.monotonic()
         active = self.conversation.active_response
-        last = self.uplink.last_packet_at if self.uplink is not None else None
+        last = self._last_audio_at()
         if last is not None:
             # the caller has heard nothing since its network went (about when its packets stopped)
             self._unheard_ms = int(max(0.0, self.held_since - last) * 1000)
@@ -734,25 +736,32 @@ class Call:
         self._start_upstream_tasks()
         logger.info("call %s: upstream session reopened after the peer connected", self.id)
 
+    def _last_audio_at(self) -> Optional[float]:
+        """When the caller's audio last came in (monotonic), on either audio path."""
+        if self.uplink is not None:
+            return self.uplink.last_packet_at
+        return self.mic.last_frame_at if self.mic is not None else None
+
     async def _watch_uplink(self) -> None:
-        """No packet from the caller: with a reconnect grace, the call is held after
-        HOLD_AFTER_S and ended when the grace runs out; without one, ended after MEDIA_TIMEOUT.
-        (aiortc's path has its own timeout in MicPump.)"""
+        """No audio from the caller: with a reconnect grace, the call is held after
+        HOLD_AFTER_S and ended when the grace runs out; without one, ended after MEDIA_TIMEOUT
+        (on aiortc's path MicPump times out itself then)."""
         grace = self.settings.reconnect_grace
         while True:
             await asyncio.sleep(0.25)
             if self.connected_at is None:
                 continue
             now = time.monotonic()
+            last = self._last_audio_at()
             if self.held_since is not None:
                 if now - self.held_since > grace:
                     raise CallEnded(f"the caller did not re-attach within {grace:g} s of its network going away")
-                if self.uplink is not None and self.uplink.last_packet_at and now - self.uplink.last_packet_at < 0.5:
+                if last and now - last < 0.5:
                     self._resume("audio flowing again" if not self.reattaches else "re-attached")
                 continue
-            if self.uplink is None:
+            if self.uplink is None and (self.mic is None or grace <= 0):
                 continue
-            idle = now - (self.uplink.last_packet_at or self.connected_at)
+            idle = now - (last or self.connected_at)
             if grace > 0 and idle > HOLD_AFTER_S:
                 self.hold(f"no audio from the caller for {HOLD_AFTER_S:g} s")
             elif grace <= 0 and idle > self.settings.media_timeout:

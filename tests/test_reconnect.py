@@ -102,3 +102,23 @@ async def test_reconnect_without_or_with_a_wrong_secret_is_403_and_changes_nothi
     assert call.reattaches == 0 and call.held_since is None and call.reason is None
     caller.send_event({"type": "response.create"})
     await caller.wait_event("response.done", 10)  # the call is untouched
+
+
+async def test_on_aiortc_s_own_audio_path_a_silent_caller_is_held_and_re_attaches(stub, start_bridge, new_caller):
+    bridge = await start_bridge(stub.url, reconnect_grace="20", audio_path="aiortc")
+    caller, session = await connected_call(bridge, stub, new_caller, freq=300)
+    call = bridge.registry.calls[caller.call_id]
+    assert call.uplink is None and call.mic is not None  # aiortc decodes
+    await eventually(lambda: len(session.audio) > 24000, 10, "the caller's audio upstream")
+    caller.drop_network()
+    await _held(bridge, call)
+    assert call.reason is None
+    heard_before = len(session.audio)
+    again = new_caller(bridge.url)
+    again.source.freq = 500
+    await again.reattach(caller.call_id, caller.reconnect_secret)
+    await asyncio.wait_for(again.channel_open.wait(), 10)
+    await eventually(lambda: len(session.audio) > heard_before + 24000, 10, "the new peer's audio upstream")
+    await eventually(lambda: call.held_since is None, 5, "resumed")
+    assert len(stub.sessions) == 1 and call.reattaches == 1
+    assert await again.hangup() == 200
