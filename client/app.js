@@ -37,7 +37,7 @@ function caption(itemId, role) {
     el.dataset.role = role;
     const who = document.createElement("span");
     who.className = "who";
-    who.textContent = role === "user" ? "You" : "Model";
+    who.textContent = { user: "You", assistant: "Model", tool: "Tool" }[role] || role;
     el.append(who, document.createElement("span"));
     captions.set(itemId, el);
     ui.captions.append(el);
@@ -82,6 +82,18 @@ function onServerEvent(ev) {
     case "response.output_text.done":
       finishCaption(ev.item_id, "assistant", ev.transcript ?? ev.text);
       break;
+    case "response.function_call_arguments.done": // a tool the model called (the bridge's or the page's)
+      finishCaption(`tool:${ev.call_id}`, "tool", `${ev.name}(${ev.arguments || ""})`);
+      break;
+    case "conversation.item.added": {
+      const item = ev.item || {};
+      if (item.type === "function_call_output" && captions.has(`tool:${item.call_id}`)) {
+        const el = captions.get(`tool:${item.call_id}`);
+        const out = String(item.output ?? "");
+        el.lastChild.textContent += ` → ${out.length > 160 ? out.slice(0, 160) + "…" : out}`;
+      }
+      break;
+    }
     case "conversation.item.truncated": {
       const el = captions.get(ev.item_id);
       if (el) el.classList.add("interrupted");

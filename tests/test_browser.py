@@ -134,3 +134,39 @@ async def test_on_a_server_with_an_auth_token_a_link_with_a_key_connects_and_one
                 key = (await r.json())["value"]
         await page.close()
         await run_page_call(browser, f"{bridge.url}/#key={key}", expect_user="hello there", expect_model="Authorised")
+
+
+async def test_the_page_shows_a_server_run_tool_call_and_its_result(browser, start_bridge, tmp_path):
+    from aiohttp import web
+
+    async def lookup(request: web.Request) -> web.Response:
+        return web.json_response({"status": "shipped", "number": (await request.json())["number"]})
+
+    service = web.Application()
+    service.router.add_post("/lookup", lookup)
+    runner = web.AppRunner(service)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    tools = tmp_path / "tools.toml"
+    tools.write_text(f'''[[tool]]
+name = "lookup_order"
+description = "Look up an order."
+url = "http://127.0.0.1:{runner.addresses[0][1]}/lookup"
+parameters = {{ type = "object", properties = {{ number = {{ type = "string" }} }} }}
+''')
+    try:
+        async with RealtimeStub() as stub:
+            bridge = await start_bridge(stub.url, tools_config=str(tools))
+            page = await browser.new_page()
+            await page.goto(bridge.url)
+            await page.click("#call")
+            await page.wait_for_function("window.bridge.state === 'connected'", timeout=15000)
+            session = await stub.wait_session()
+            await stub.call_function("lookup_order", '{"number": "A-7"}', session)
+            shown = page.locator(".caption.tool", has_text="shipped")
+            await shown.first.wait_for(timeout=10000)
+            text = await shown.first.inner_text()
+            assert 'lookup_order({"number": "A-7"})' in text and '"status": "shipped"' in text
+            assert "127.0.0.1" not in text  # the endpoint stays on the server
+    finally:
+        await runner.cleanup()
