@@ -113,6 +113,7 @@ class Settings:
     public_ip: tuple[str, ...] = ()
     rtc_interfaces: tuple[str, ...] = ()
     records_db: str = field(default="data/records.db", repr=False)  # a database URL can hold a password
+    records_keep_days: float = 0.0
     record_audio: Optional[str] = None
     tools_config: Optional[str] = None
     tools: Any = field(default=None, repr=False)  # control.tools.ToolSet, read from tools_config
@@ -439,6 +440,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("client_events", ("ALLOWED_CLIENT_EVENTS",), _csv, "client event types the page may send upstream"),
     Option("session_fields", ("ALLOWED_SESSION_FIELDS",), _csv, "dotted session fields a page's session.update may change"),
     Option("records_db", ("RECORDS_DB",), _records_db, "where call records and the webhook outbox are kept (GET /v1/realtime/calls/{id}): an SQLite file, or a postgresql:// URL for several nodes sharing one database; 'none' keeps no records", secret=True, shown="data/records.db"),
+    Option("records_keep_days", ("RECORDS_KEEP_DAYS",), _non_negative_float, "ended calls' records older than this many days are removed (at start and hourly; 0: kept for ever)"),
     Option("record_audio", ("RECORD_AUDIO",), str, "folder for each call's audio as one stereo Ogg/Opus file (caller left, model right as heard, aligned in time); unset: no recording"),
     Option("tools_config", ("TOOLS_CONFIG",), str, "TOML or YAML file of function tools the bridge runs itself (HTTP endpoints, headers with secrets, timeouts); checked at start"),
     Option("webhook_url", ("WEBHOOK_URL",), _http_url, "after each call, POST its record here (Standard Webhooks signature; retried with backoff, kept across restarts)", secret=True),

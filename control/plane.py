@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Optional
 
 import aiohttp
@@ -43,10 +44,13 @@ class ControlPlane:
         self._writes: set[asyncio.Task] = set()
         self.write_failures = 0
         self.recordings = None  # control.recording.Recordings, with RECORD_AUDIO
+        self._pruner: Optional[asyncio.Task] = None
 
     async def start(self) -> None:
         if self.store is not None:
             await self.store.open()
+            if self.settings.records_keep_days > 0:
+                self._pruner = asyncio.get_running_loop().create_task(self._prune(), name="records-prune")
         if self.deliverer is not None:
             self.deliverer.start()
         if self.toolset:
@@ -56,7 +60,22 @@ class ControlPlane:
 
             self.recordings = Recordings(self.settings.record_audio)
 
+    async def _prune(self) -> None:
+        """Records (and their sent webhooks) older than RECORDS_KEEP_DAYS go, at start and hourly."""
+        assert self.store is not None
+        while True:
+            try:
+                gone = await self.store.prune(time.time() - self.settings.records_keep_days * 86400)
+                if gone:
+                    logger.info("records: %d older than %g days removed", gone, self.settings.records_keep_days)
+            except Exception as exc:  # a busy database: next hour
+                logger.warning("records: pruning failed: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(3600)
+
     async def stop(self) -> None:
+        if self._pruner is not None:
+            self._pruner.cancel()
+            await asyncio.gather(self._pruner, return_exceptions=True)
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
         if self.recordings is not None:

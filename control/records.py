@@ -274,6 +274,14 @@ class RecordStore:
             rows = await cur.fetchall()
         return [json.loads(r[0]) for r in rows[:limit]], len(rows) > limit
 
+    async def prune(self, before: float) -> int:
+        """Forget records created before `before` (and delivered or given-up webhooks of them)."""
+        cur = await self.db.execute("DELETE FROM calls WHERE created_at < ? AND status = 'ended'", (before,))
+        await self.db.execute("DELETE FROM webhook_outbox WHERE created_at < ? AND (delivered_at IS NOT NULL "
+                              "OR next_attempt_at = 9e999)", (before,))
+        await self.db.commit()
+        return cur.rowcount
+
     # -- webhook outbox -------------------------------------------------------------
 
     async def enqueue_webhook(self, message_id: str, call_id: str, payload: str) -> None:
@@ -374,6 +382,12 @@ class PostgresStore:
         rows = await self.pool.fetch("SELECT data::text FROM calls WHERE created_at >= $1 ORDER BY created_at, id "
                                      "LIMIT $2", since, limit + 1)
         return [json.loads(r[0]) for r in rows[:limit]], len(rows) > limit
+
+    async def prune(self, before: float) -> int:
+        result = await self.pool.execute("DELETE FROM calls WHERE created_at < $1 AND status = 'ended'", before)
+        await self.pool.execute("DELETE FROM webhook_outbox WHERE created_at < $1 AND (delivered_at IS NOT NULL "
+                                "OR next_attempt_at = 'Infinity'::float8)", before)
+        return int(result.split()[-1])
 
     async def enqueue_webhook(self, message_id: str, call_id: str, payload: str) -> None:
         now = time.time()

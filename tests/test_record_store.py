@@ -115,3 +115,16 @@ def test_an_unknown_database_url_is_refused_at_start():
     with pytest.raises(config.ConfigError, match="RECORDS_DB.*mysql"):
         config.from_raw({"records_db": "mysql://x/y"})
     assert isinstance(open_store("/tmp/x.db"), RecordStore)
+
+
+async def test_old_ended_records_are_pruned_and_live_ones_kept(store):
+    await store.save(_record(1, status="ended", ended_at=1002.0))
+    await store.save(_record(2))  # still active: kept whatever its age
+    await store.save(_record(3, created_at=5000.0, status="ended"))
+    await store.enqueue_webhook("msg_old", _record(1)["id"], "{}")
+    await store.claim_webhooks(lease_s=30)
+    await store.webhook_delivered("msg_old")
+    assert await store.prune(before=2000.0) == 1
+    kept, _ = await store.list(since=0, limit=10)
+    assert [r["id"] for r in kept] == [_record(2)["id"], _record(3)["id"]]
+    assert await store.webhook_status(_record(1)["id"]) == []  # its delivered webhook went with it
