@@ -275,10 +275,11 @@ class RecordStore:
         return [json.loads(r[0]) for r in rows[:limit]], len(rows) > limit
 
     async def prune(self, before: float) -> int:
-        """Forget records created before `before` (and delivered or given-up webhooks of them)."""
+        """Forget ended records created before `before`, and the sent (or given-up) webhooks of
+        calls no longer recorded; a webhook still to be sent stays."""
         cur = await self.db.execute("DELETE FROM calls WHERE created_at < ? AND status = 'ended'", (before,))
-        await self.db.execute("DELETE FROM webhook_outbox WHERE created_at < ? AND (delivered_at IS NOT NULL "
-                              "OR next_attempt_at = 9e999)", (before,))
+        await self.db.execute("DELETE FROM webhook_outbox WHERE call_id NOT IN (SELECT id FROM calls) AND "
+                              "(delivered_at IS NOT NULL OR next_attempt_at = 9e999)")
         await self.db.commit()
         return cur.rowcount
 
@@ -385,8 +386,8 @@ class PostgresStore:
 
     async def prune(self, before: float) -> int:
         result = await self.pool.execute("DELETE FROM calls WHERE created_at < $1 AND status = 'ended'", before)
-        await self.pool.execute("DELETE FROM webhook_outbox WHERE created_at < $1 AND (delivered_at IS NOT NULL "
-                                "OR next_attempt_at = 'Infinity'::float8)", before)
+        await self.pool.execute("DELETE FROM webhook_outbox WHERE call_id NOT IN (SELECT id FROM calls) AND "
+                                "(delivered_at IS NOT NULL OR next_attempt_at = 'Infinity'::float8)")
         return int(result.split()[-1])
 
     async def enqueue_webhook(self, message_id: str, call_id: str, payload: str) -> None:
