@@ -19,7 +19,7 @@ import aiohttp
 from harness.stub import RealtimeStub
 from realtime.events import CLIENT_EVENT_TYPES, SERVER_EVENT_TYPES
 from realtime.policy import ClientEventPolicy
-from tests.conftest import connected_call
+from tests.conftest import connected_call, eventually
 
 SEED = 20261201
 SECRET = "sk-fuzz-0123456789abcdefSECRETKEYxyz"
@@ -175,6 +175,46 @@ async def test_fuzzed_page_messages_are_each_answered_and_only_the_policy_reache
         assert event["type"] in bridge.settings.client_events or event["type"] in own, event["type"]
         if event["type"] == "session.update" and event is not session.received[0]:
             assert all(k in {f.split(".")[0] for f in allowed_fields} for k in event["session"]), event["session"]
+
+
+async def test_fuzzed_sideband_messages_are_each_answered_on_the_sideband_and_the_call_goes_on(stub, start_bridge,
+                                                                                          new_caller):
+    import websockets
+
+    from settings import SIDEBAND_SESSION_FIELDS
+
+    rng = random.Random(SEED + 3)
+    bridge = await start_bridge(stub.url, operator_on_loopback="true")
+    caller, session = await connected_call(bridge, stub, new_caller)
+    policy = ClientEventPolicy(bridge.settings.sideband_client_events, SIDEBAND_SESSION_FIELDS)
+    expected = 0
+    got = 0
+    url = bridge.url.replace("http://", "ws://") + f"/v1/realtime?call_id={caller.call_id}"
+    async with websockets.connect(url, max_size=None) as ws:
+        async def drain() -> None:
+            nonlocal got
+            try:
+                async for message in ws:
+                    if json.loads(message).get("type") == "error":
+                        got += 1
+            except websockets.ConnectionClosed:
+                pass
+
+        reader = asyncio.create_task(drain())
+        for _ in range(250):
+            message = page_message(rng)
+            if isinstance(message, bytes):
+                message = message.decode("utf-8", "replace")
+            expected += len(policy.check(message).errors)
+            await ws.send(message)
+        await ws.send(json.dumps({"type": "conversation.item.retrieve", "item_id": "last"}))
+        await eventually(lambda: got >= expected, 10, "an error on the sideband for each refused message")
+        await ws.close()
+        await reader
+    assert expected > 30 and caller.call_id in bridge.registry.calls  # the call survived all of it
+    for event in session.received:
+        assert event["type"] in bridge.settings.sideband_client_events or event["type"] in (
+            "conversation.item.truncate", "session.update"), event["type"]
 
 
 def upstream_event(rng: random.Random) -> str:
