@@ -27,7 +27,7 @@ from settings import SIDEBAND_SESSION_FIELDS
 from signaling.auth import bearer
 from signaling.errors import error_response
 from signaling.routes import (CALL_ID, KEYS, REGISTRY, SETTINGS, ClusterUnavailable, _cluster_unavailable, _forward,
-                             elsewhere, gather_reports, internal_headers)
+                             elsewhere, find_call, gather_reports, internal_headers)
 
 from .plane import PLANE
 from .sideband import Sideband
@@ -75,18 +75,12 @@ async def realtime_socket(request: web.Request) -> web.StreamResponse:
     refusal = operator_refusal(request)
     if refusal is not None:
         return refusal
-    registry = request.app[REGISTRY]
-    if not CALL_ID.fullmatch(call_id):
-        return error_response(404, "call_not_found", "No active call with that id.", param="call_id")
-    call = registry.calls.get(call_id)
-    if call is None:
-        try:
-            base = await elsewhere(registry, call_id)
-        except ClusterUnavailable:
-            return _cluster_unavailable()
-        if base is not None:
-            return await _relay_socket(request, base)
-    if call is None or call.reason is not None:
+    call = await find_call(request.app[REGISTRY], call_id)
+    if isinstance(call, str):
+        return await _relay_socket(request, call)
+    if isinstance(call, web.Response):
+        return call
+    if call.reason is not None:
         return error_response(404, "call_not_found", f"No active call with id '{call_id}'.", param="call_id")
     ws = web.WebSocketResponse(max_msg_size=256 * 1024, heartbeat=30.0)
     await ws.prepare(request)

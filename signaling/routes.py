@@ -564,21 +564,28 @@ async def hangup(request: web.Request) -> web.Response:
 
 async def _call_of(request: web.Request, action: str) -> "Call | web.Response":
     """The call a per-call route names, held by this process; or the answer: a 404, or the
-    reply of the worker that holds it (the request forwarded there as `action`)."""
-    registry = request.app[REGISTRY]
-    call_id = request.match_info["call_id"]
+    reply of the worker or node that holds it (the request forwarded there as `action`)."""
+    found = await find_call(request.app[REGISTRY], request.match_info["call_id"])
+    if isinstance(found, str):
+        return await _forward(found, request, action)
+    return found
+
+
+async def find_call(registry: CallRegistry, call_id: str) -> "Call | str | web.Response":
+    """A live call of this process; the base URL of the worker or node that holds it; or the
+    error to answer (404 for an id no live call has, 503 if the cluster cannot be asked)."""
     if not CALL_ID.fullmatch(call_id):
         return error_response(404, "call_not_found", "No active call with that id.", param="call_id")
     call = registry.calls.get(call_id)
-    if call is None:
-        try:
-            base = await elsewhere(registry, call_id)
-        except ClusterUnavailable:
-            return _cluster_unavailable()
-        if base is not None:
-            return await _forward(base, request, action)
-        return error_response(404, "call_not_found", f"No active call with id '{call_id}'.", param="call_id")
-    return call
+    if call is not None:
+        return call
+    try:
+        base = await elsewhere(registry, call_id)
+    except ClusterUnavailable:
+        return _cluster_unavailable()
+    if base is not None:
+        return base
+    return error_response(404, "call_not_found", f"No active call with id '{call_id}'.", param="call_id")
 
 
 class ClusterUnavailable(Exception):

@@ -142,18 +142,13 @@ async def test_the_page_shows_a_server_run_tool_call_and_its_result(browser, sta
     async def lookup(request: web.Request) -> web.Response:
         return web.json_response({"status": "shipped", "number": (await request.json())["number"]})
 
+    from harness.web import serve_app, tools_toml
+
     service = web.Application()
     service.router.add_post("/lookup", lookup)
-    runner = web.AppRunner(service)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    runner, url = await serve_app(service)
     tools = tmp_path / "tools.toml"
-    tools.write_text(f'''[[tool]]
-name = "lookup_order"
-description = "Look up an order."
-url = "http://127.0.0.1:{runner.addresses[0][1]}/lookup"
-parameters = {{ type = "object", properties = {{ number = {{ type = "string" }} }} }}
-''')
+    tools.write_text(tools_toml(url, secret_var="HOME"))  # any variable that is set
     try:
         async with RealtimeStub() as stub:
             bridge = await start_bridge(stub.url, tools_config=str(tools))

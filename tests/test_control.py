@@ -15,6 +15,7 @@ from openai import AsyncOpenAI
 
 from control.plane import PLANE
 from harness.stub import RealtimeStub
+from harness.web import serve_app, tools_toml
 from media.audio import dominant_frequency
 from tests.conftest import eventually
 
@@ -158,25 +159,9 @@ def _tool_service(received: list, *, fail_first: int = 0, delay: float = 0.0):
     return app
 
 
-async def _serve(app) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-
 def _tools_file(tmp_path, url: str, timeout: float = 5) -> str:
     path = tmp_path / "tools.toml"
-    path.write_text(f'''
-[[tool]]
-name = "lookup_order"
-description = "Look up an order by its number."
-url = "{url}/lookup"
-timeout_seconds = {timeout}
-headers = {{ Authorization = "Bearer ${{ORDERS_TOKEN}}" }}
-parameters = {{ type = "object", properties = {{ number = {{ type = "string" }} }}, required = ["number"] }}
-''')
+    path.write_text(tools_toml(url, timeout=timeout))
     return str(path)
 
 
@@ -185,7 +170,7 @@ async def test_a_server_tool_is_called_with_its_secret_and_the_model_gets_the_re
     caplog.set_level(logging.INFO)
     monkeypatch.setenv("ORDERS_TOKEN", TOOL_SECRET)
     received: list = []
-    runner, url = await _serve(_tool_service(received))
+    runner, url = await serve_app(_tool_service(received))
     try:
         bridge = await start_bridge(stub.url, auth_token=TOKEN, tools_config=_tools_file(tmp_path, url))
         caller, session = await _call(bridge, stub, new_caller)
@@ -240,7 +225,7 @@ async def test_a_failing_or_slow_tool_becomes_an_output_saying_what_failed(stub,
                                                                           monkeypatch):
     monkeypatch.setenv("ORDERS_TOKEN", TOOL_SECRET)
     received: list = []
-    runner, url = await _serve(_tool_service(received, fail_first=1, delay=1.0))
+    runner, url = await serve_app(_tool_service(received, fail_first=1, delay=1.0))
     try:
         bridge = await start_bridge(stub.url, tools_config=_tools_file(tmp_path, url, timeout=0.5))
         caller = new_caller(bridge.url)
@@ -368,7 +353,7 @@ async def test_a_webhook_is_signed_retried_after_failures_and_verified_by_the_re
 
     monkeypatch.setattr("control.webhooks.RETRY_DELAYS_S", (0.2, 0.4, 0.8))
     got: list = []
-    runner, url = await _serve(_receiver(got, fail_first=2))
+    runner, url = await serve_app(_receiver(got, fail_first=2))
     try:
         bridge = await start_bridge(stub.url, auth_token=TOKEN, webhook_url=f"{url}/hook", webhook_secret=WEBHOOK_SECRET)
         caller, _ = await _call(bridge, stub, new_caller)
@@ -411,7 +396,7 @@ async def test_an_undelivered_webhook_is_sent_after_a_restart(stub, start_bridge
     await down.app.shutdown()
     await down.app.cleanup()
     got: list = []
-    runner, url = await _serve(_receiver(got))
+    runner, url = await serve_app(_receiver(got))
     try:
         stub2 = await RealtimeStub().start()
         await start_bridge(stub2.url, records_db=db, webhook_url=f"{url}/hook", webhook_secret=WEBHOOK_SECRET)

@@ -11,6 +11,7 @@ import json
 from aiohttp import web
 
 from harness.speech import recognize
+from harness.web import serve_app, tools_toml
 from tests.conftest import eventually
 from tests.test_localrt import serve_local
 
@@ -56,29 +57,15 @@ def _orders_service(got: list):
     return app
 
 
-async def _serve(app) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-
 async def test_the_local_backend_calls_a_server_tool_and_speaks_its_result(start_bridge, new_caller, tmp_path,
                                                                            monkeypatch):
     monkeypatch.setenv("ORDERS_TOKEN", TOOL_SECRET)
     chat_requests: list = []
     tool_requests: list = []
-    chat, chat_url = await _serve(_chat_server(chat_requests))
-    orders, orders_url = await _serve(_orders_service(tool_requests))
+    chat, chat_url = await serve_app(_chat_server(chat_requests))
+    orders, orders_url = await serve_app(_orders_service(tool_requests))
     tools = tmp_path / "tools.toml"
-    tools.write_text(f'''
-[[tool]]
-name = "lookup_order"
-description = "Look up an order by its number."
-url = "{orders_url}/lookup"
-headers = {{ Authorization = "Bearer ${{ORDERS_TOKEN}}" }}
-parameters = {{ type = "object", properties = {{ number = {{ type = "string" }} }}, required = ["number"] }}
-''')
+    tools.write_text(tools_toml(orders_url))
     try:
         async with serve_local(local_responder=f"{chat_url}/v1") as local_url:
             realtime = local_url.replace("http://", "ws://") + "/realtime"
