@@ -7,11 +7,11 @@ own `tools` gets them appended (a page tool with the same name is dropped), so
 the model always has them. Page-declared tools still go to the page, as with
 OpenAI: the bridge only answers calls to the tools it declared.
 
-When the model calls one (`response.function_call_arguments.done`), the bridge
-POSTs the arguments (the JSON object the model wrote) to the endpoint; once the
-response that called it is done, it sends each result as a
+When the model calls one (`response.function_call_arguments.done`) and the
+response that called it completes, the bridge POSTs the arguments (the JSON object
+the model wrote) to the endpoint, then sends each result as a
 `conversation.item.create` with a `function_call_output`, then one
-`response.create`. A timeout, a refused connection, an error status or arguments
+`response.create`. A response that was cancelled or cut short runs no tool. A timeout, a refused connection, an error status or arguments
 that are not JSON become an output telling the model what failed. The page sees
 all of it as ordinary events; the endpoint's URL and headers never leave the
 server (they are added to the redactor).
@@ -202,8 +202,9 @@ def _check_schema(schema: Any, where: str) -> None:
 class _Batch:
     """The bridge's tool calls made by one response, answered together once it is done."""
 
-    tasks: list[asyncio.Task] = field(default_factory=list)
+    calls: list[tuple[Tool, str, Any]] = field(default_factory=list)  # (tool, call_id, arguments)
     response_done: asyncio.Event = field(default_factory=asyncio.Event)
+    status: str = "completed"  # the response's, at response.done
 
 
 class CallTools:
@@ -233,18 +234,28 @@ class CallTools:
             if batch is None:
                 batch = self._batches[rid] = _Batch()
                 self._spawn(self._answer(rid, batch), "tools")
-            batch.tasks.append(asyncio.ensure_future(
-                self._run(tool, str(event.get("call_id") or ""), event.get("arguments"))))
+            batch.calls.append((tool, str(event.get("call_id") or ""), event.get("arguments")))
         elif kind == Server.RESPONSE_DONE:
             response = event.get("response")
             batch = self._batches.get(str(response.get("id") or "")) if isinstance(response, dict) else None
             if batch is not None:
+                batch.status = str(response.get("status") or "completed")
                 batch.response_done.set()
 
     async def _answer(self, rid: str, batch: _Batch) -> None:
+        """Once the response that called the tools is done: run them (side by side), then give
+        the model their results and ask it to go on. A response cut short (the caller spoke
+        over it, it was cancelled or failed) may hold half-written arguments, and the caller
+        has moved on: its tools are not run."""
+        tasks: list[asyncio.Task] = []
         try:
             await batch.response_done.wait()
-            results = await asyncio.gather(*batch.tasks)
+            if batch.status != "completed":
+                for tool, call_id, _ in batch.calls:
+                    self._ran(call_id, tool.name, f"not_run_response_{batch.status}", "", 0)
+                return
+            tasks = [asyncio.ensure_future(self._run(*c)) for c in batch.calls]
+            results = await asyncio.gather(*tasks)
             deadline = time.monotonic() + MAX_WAIT_FOR_RESPONSE_S
             while self._busy() and time.monotonic() < deadline:  # another response started meanwhile
                 await asyncio.sleep(0.05)
@@ -254,7 +265,7 @@ class CallTools:
             self._send({"type": Client.RESPONSE_CREATE, "event_id": events.event_id()})
         finally:
             self._batches.pop(rid, None)
-            for task in batch.tasks:
+            for task in tasks:
                 task.cancel()
 
     async def _run(self, tool: Tool, call_id: str, arguments: Any) -> tuple[str, str]:

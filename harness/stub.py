@@ -232,8 +232,9 @@ class RealtimeStub:
         return {"response_id": rid, "item_id": item_id, "audio_ms": s.item_audio_ms[item_id], "sent_at": sent_at}
 
     async def call_function(self, name: str, arguments: str, s: Optional[StubSession] = None,
-                            call_id: Optional[str] = None) -> dict:
-        """A response whose only output is a function call (as the GA API sends it)."""
+                            call_id: Optional[str] = None, status: str = "completed") -> dict:
+        """A response whose only output is a function call (as the GA API sends it); `status`
+        of the response: "cancelled" as when the caller spoke over it."""
         s = s or self.session
         rid, item_id, call_id = events.new_id("resp"), events.new_id("item"), call_id or events.new_id("call")
         item = {"id": item_id, "type": "function_call", "status": "in_progress", "name": name, "call_id": call_id,
@@ -249,7 +250,7 @@ class RealtimeStub:
         await s.send({"type": Server.OUTPUT_ITEM_DONE, "response_id": rid, "output_index": 0, "item": item})
         await s.send({"type": Server.ITEM_DONE, "item": item})
         await s.send({"type": Server.RESPONSE_DONE, "response": {
-            "id": rid, "object": "realtime.response", "status": "completed", "output": [item],
+            "id": rid, "object": "realtime.response", "status": status, "output": [item],
             "usage": {"total_tokens": 30, "input_tokens": 20, "output_tokens": 10,
                       "input_token_details": {"text_tokens": 5, "audio_tokens": 15}}}})
         return {"response_id": rid, "item_id": item_id, "call_id": call_id}

@@ -227,7 +227,7 @@ async def test_a_failing_or_slow_tool_becomes_an_output_saying_what_failed(stub,
     received: list = []
     runner, url = await serve_app(_tool_service(received, fail_first=1, delay=1.0))
     try:
-        bridge = await start_bridge(stub.url, tools_config=_tools_file(tmp_path, url, timeout=0.5))
+        bridge = await start_bridge(stub.url, tools_config=_tools_file(tmp_path, url, timeout=0.5), operator_on_loopback="true")
         caller = new_caller(bridge.url)
         await caller.connect()
         session = await stub.wait_session()
@@ -237,12 +237,19 @@ async def test_a_failing_or_slow_tool_becomes_an_output_saying_what_failed(stub,
         await eventually(lambda: len(session.events_of("response.create")) == 2, 10, "second answer")
         await stub.call_function("lookup_order", "{not json")
         await eventually(lambda: len(session.events_of("response.create")) == 3, 10, "third answer")
+        # a response the caller cut short runs no tool (its arguments may be half written)
+        cut = await stub.call_function("lookup_order", '{"numb', status="cancelled")
+        record = await _record(bridge, caller.call_id, lambda r: any(
+            t["call_id"] == cut["call_id"] and t["status"] != "pending" for t in r["tool_calls"]))
+        assert next(t for t in record["tool_calls"] if t["call_id"] == cut["call_id"])["status"] == \
+            "not_run_response_cancelled"
         outputs = [json.loads(e["item"]["output"])["error"] for e in session.events_of("conversation.item.create")
                    if e["item"].get("type") == "function_call_output"]
         assert "HTTP 500" in outputs[0]
         assert "did not answer within 0.5 s" in outputs[1]
         assert "not valid JSON" in outputs[2]
-        assert len(received) == 2  # bad arguments never reach the service
+        assert len(received) == 2  # bad arguments never reach the service, nor a cancelled response's
+        assert len(session.events_of("response.create")) == 3
     finally:
         await runner.cleanup()
 
