@@ -45,6 +45,7 @@ class ControlPlane:
         self.write_failures = 0
         self.recordings = None  # control.recording.Recordings, with RECORD_AUDIO
         self._pruner: Optional[asyncio.Task] = None
+        self.metrics = None  # signaling.prom.BridgeMetrics, set by the app
 
     async def start(self) -> None:
         if self.store is not None:
@@ -93,12 +94,17 @@ class ControlPlane:
         if self.toolset and self.http is not None:
             call.tools = CallTools(self.toolset, self.http, call.id, send=call.send_upstream,
                                    spawn=call.spawn_task, busy=lambda: call.conversation.active_response is not None,
-                                   ran=call.record.tool_ran)
+                                   ran=lambda *a: self._tool_ran(call, *a))
         if self.recordings is not None:
             call.recorder = self.recordings.start(call.id)
             call.playback.on_pcm = call.recorder.model
             call.record.data["recording"] = call.recorder.path
         self._write(call.record.data, final=False)
+
+    def _tool_ran(self, call: "Call", call_id: str, name: str, status: str, output: str, duration_ms: int) -> None:
+        call.record.tool_ran(call_id, name, status, output, duration_ms)
+        if self.metrics is not None:
+            self.metrics.tool_ran(name, status, duration_ms)
 
     def call_closed(self, call: "Call") -> None:
         if call.recorder is not None:

@@ -33,6 +33,7 @@ def build_app(settings: Settings, upstream_url: str, workers: Workers = Workers(
     add_control_routes(app)
     app[REGISTRY].plane = control_plane.install(app, settings)
     metrics.install(app, prom.install(app, app[REGISTRY]))
+    app[REGISTRY].plane.metrics = app[prom.PROM]
     registry = app[REGISTRY]
     app[ADMISSION] = Admission(
         lambda: app[metrics.LOOP_LAG].summary(WINDOW_S)["p95"] if metrics.LOOP_LAG in app else 0.0,

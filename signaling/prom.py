@@ -55,6 +55,9 @@ class BridgeMetrics:
             "bridge_response_latency_seconds",
             "from the end of the caller's turn (speech_stopped) to the model's first audio", ["worker"],
             registry=self.prom, buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10))
+        self.tool_seconds = Histogram("bridge_tool_seconds", "how long a server-run tool's endpoint took to answer",
+                                      ["worker", "tool", "status"], registry=self.prom,
+                                      buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.ended: Counter[str] = Counter()  # end category → calls
         self.ended_audio: Counter[str] = Counter()  # metric → what ended calls counted
         self.ended_playback: Counter[str] = Counter()
@@ -63,6 +66,10 @@ class BridgeMetrics:
     def observe(self, what: str, seconds: float) -> None:
         {"upstream_connect": self.upstream_connect, "response_latency": self.response_latency,
          "loop_lag": self.loop_lag}[what].labels(self.worker).observe(seconds)
+
+    def tool_ran(self, name: str, status: str, duration_ms: int) -> None:
+        """A server-run tool answered, failed or was not run (its count is the histogram's)."""
+        self.tool_seconds.labels(self.worker, name, status).observe(duration_ms / 1000)
 
     def call_ended(self, call) -> None:
         from control.records import end_category
@@ -128,6 +135,19 @@ class _Live:
         sidebands = GaugeMetricFamily("bridge_sidebands", "operator sideband connections", labels=["worker"])
         sidebands.add_metric(w, sum(len(c.sidebands) for c in calls))
         yield sidebands
+        plane = registry.plane
+        deliverer = plane.deliverer if plane is not None else None
+        if deliverer is not None:
+            hooks = CounterMetricFamily("bridge_webhook_attempts", "webhook deliveries tried, by outcome",
+                                        labels=["worker", "outcome"])
+            hooks.add_metric([m.worker, "delivered"], deliverer.delivered)
+            hooks.add_metric([m.worker, "failed"], deliverer.failed_attempts)
+            yield hooks
+        if plane is not None and plane.store is not None:
+            failures = CounterMetricFamily("bridge_record_write_failures", "call records that could not be written",
+                                           labels=["worker"])
+            failures.add_metric(w, plane.write_failures)
+            yield failures
         proc = process_stats()
         for key, metric in (("rss_mb", "bridge_process_resident_megabytes"), ("fds", "bridge_process_open_fds"),
                             ("threads", "bridge_process_threads")):

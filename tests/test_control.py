@@ -250,6 +250,15 @@ async def test_a_failing_or_slow_tool_becomes_an_output_saying_what_failed(stub,
         assert "not valid JSON" in outputs[2]
         assert len(received) == 2  # bad arguments never reach the service, nor a cancelled response's
         assert len(session.events_of("response.create")) == 3
+        # and each outcome is counted for Prometheus, with its time
+        from prometheus_client.parser import text_string_to_metric_families
+
+        async with aiohttp.ClientSession() as http:
+            async with http.get(bridge.url + "/metrics") as r:
+                text = await r.text()
+        counts = {s.labels["status"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                  if s.name == "bridge_tool_seconds_count"}
+        assert counts == {"http_error": 1, "timeout": 1, "invalid_arguments": 1, "not_run_response_cancelled": 1}
     finally:
         await runner.cleanup()
 
@@ -379,6 +388,13 @@ async def test_a_webhook_is_signed_retried_after_failures_and_verified_by_the_re
         record = await _record(bridge, caller.call_id, lambda r: (r.get("webhooks") or [{}])[0].get("delivered_at"))
         status = record["webhooks"]
         assert status[0]["attempts"] == 3 and status[0]["delivered_at"] is not None
+        from prometheus_client.parser import text_string_to_metric_families
+
+        async with aiohttp.ClientSession() as http:
+            async with http.get(bridge.url + "/metrics") as r:
+                attempts = {s.labels["outcome"]: s.value for f in text_string_to_metric_families(await r.text())
+                            for s in f.samples if s.name == "bridge_webhook_attempts_total"}
+        assert attempts == {"delivered": 1, "failed": 2}
         assert TOKEN not in body and WEBHOOK_SECRET not in body
     finally:
         await runner.cleanup()
@@ -452,6 +468,7 @@ async def test_metrics_speak_prometheus_text_with_calls_by_end_reason_and_latenc
     assert value("bridge_mic_packets_total") >= 5  # what the ended call counted stays counted
     assert value("bridge_playback_frames_total") >= 5
     assert value("bridge_offers_refused_total", reason="too_many_calls") == 0
+    assert value("bridge_record_write_failures_total") == 0
 
 
 def _decode_stereo(path: str):
