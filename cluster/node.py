@@ -108,9 +108,7 @@ class ClusterNode:
         self._take = self.redis.register_script(_TAKE)
         self._give = self.redis.register_script(_GIVE)
         self.healthy = False
-        self.placed_elsewhere = 0
         self._placed: list[tuple[float, str]] = []
-        self.known: list[NodeInfo] = []  # the live nodes at the last heartbeat
 
     def trusted(self, presented: Optional[str]) -> bool:
         return presented is not None and hmac.compare_digest(presented.encode(), self.token.encode())
@@ -141,6 +139,10 @@ class ClusterNode:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             await self._beat()
+            try:
+                await self.nodes()  # drops the ids of nodes that are gone from the set
+            except (RedisError, OSError):
+                pass  # _beat has said Redis is unreachable
 
     def me(self, draining: bool) -> NodeInfo:
         """This node as the registry will see it, measured now (not at the last heartbeat), by the
@@ -165,7 +167,6 @@ class ClusterNode:
             for call_id in load["calls"]:
                 pipe.set(PREFIX + "call:" + call_id, self.id, ex=NODE_TTL_S)
             await pipe.execute()
-            self.known = await self.nodes()  # also drops the ids of nodes that are gone
             if not self.healthy:
                 logger.info("cluster: Redis reachable")
             self.healthy = True
@@ -207,7 +208,6 @@ class ClusterNode:
     def placed(self, node_id: str) -> None:
         """An offer was placed on `node_id` (counted there until its heartbeat says so)."""
         self._placed.append((time.time(), node_id))
-        self.placed_elsewhere += 1
 
     async def take_slot(self) -> bool:
         """One of the cluster's MAX_CALLS for a call on this node (atomic across nodes)."""
@@ -217,15 +217,9 @@ class ClusterNode:
     async def give_slot(self) -> None:
         await self._give(keys=[PREFIX + "slots"], args=[self.id])
 
-    async def used_slots(self) -> int:
-        values = await self.redis.hgetall(PREFIX + "slots")
-        live = {n.id for n in await self.nodes()} | {self.id}
-        return sum(int(v) for k, v in values.items() if k.decode() in live)
-
     async def call_started(self, call_id: str) -> None:
-        """A call made here: its entry, and this node's count published at once (a heartbeat
-        can be a second old, and other nodes place offers by it)."""
-        await self.redis.set(PREFIX + "call:" + call_id, self.id, ex=NODE_TTL_S)
+        """A call made here: its entry and this node's count, published at once (a heartbeat
+        can be a second old, and other nodes place offers by it); `_beat` writes both."""
         await self._beat()
 
     async def call_ended(self, call_id: str) -> None:

@@ -70,7 +70,6 @@ class Recorder:
         self._last_flush = 0.0
         self._writer: Optional[_Writer] = None
         self._finished = False
-        self.samples_written = 0
 
     def caller(self, pcm: bytes) -> None:
         self._add(0, pcm)
@@ -120,7 +119,6 @@ class Recorder:
         if self._writer is None:
             self._writer = _Writer(self.path)
         self._pool.submit(self._writer.write, stereo)
-        self.samples_written += n
 
     def finish(self) -> None:
         """Write what is left and close the file (on the encoding thread)."""

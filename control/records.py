@@ -317,9 +317,13 @@ class RecordStore:
     async def webhook_status(self, call_id: str) -> list[dict[str, Any]]:
         async with self.db.execute("SELECT id, attempts, delivered_at, last_error, next_attempt_at FROM webhook_outbox "
                                    "WHERE call_id = ? ORDER BY created_at", (call_id,)) as cur:
-            rows = await cur.fetchall()
-        return [{"id": r[0], "attempts": r[1], "delivered_at": r[2], "last_error": r[3],
-                 "next_attempt_at": None if r[4] == float("inf") else r[4]} for r in rows]
+            return [_delivery(r) for r in await cur.fetchall()]
+
+
+def _delivery(row) -> dict[str, Any]:
+    """A webhook attempt's state as a record shows it (a given-up one has no next attempt)."""
+    return {"id": row[0], "attempts": row[1], "delivered_at": row[2], "last_error": row[3],
+            "next_attempt_at": None if row[4] == float("inf") else row[4]}
 
 
 _PG_SCHEMA = """
@@ -416,5 +420,4 @@ class PostgresStore:
     async def webhook_status(self, call_id: str) -> list[dict[str, Any]]:
         rows = await self.pool.fetch("SELECT id, attempts, delivered_at, last_error, next_attempt_at FROM "
                                      "webhook_outbox WHERE call_id = $1 ORDER BY created_at", call_id)
-        return [{"id": r[0], "attempts": r[1], "delivered_at": r[2], "last_error": r[3],
-                 "next_attempt_at": None if r[4] == float("inf") else r[4]} for r in rows]
+        return [_delivery(r) for r in rows]

@@ -22,8 +22,6 @@ import websockets
 from aiohttp import WSMsgType, web
 from redis.exceptions import RedisError
 
-from realtime.policy import ClientEventPolicy
-from settings import SIDEBAND_SESSION_FIELDS
 from signaling.auth import bearer
 from signaling.errors import error_response
 from signaling.routes import (CALL_ID, KEYS, REGISTRY, SETTINGS, ClusterUnavailable, _cluster_unavailable, _forward,
@@ -215,6 +213,3 @@ def add_control_routes(app: web.Application) -> None:
     app.router.add_get("/v1/realtime/calls", list_calls)
     app.router.add_get("/v1/realtime/calls/{call_id}", call_record)
 
-
-def sideband_policy(events_allowed) -> ClientEventPolicy:
-    return ClientEventPolicy(events_allowed, SIDEBAND_SESSION_FIELDS)

@@ -218,7 +218,6 @@ class CallTools:
         self.call_id = call_id
         self._send, self._spawn, self._busy, self._ran = send, spawn, busy, ran
         self._batches: dict[str, _Batch] = {}
-        self.runs = 0
 
     def with_server_tools(self, event: Event) -> Event:
         return self.toolset.with_server_tools(event)
@@ -271,7 +270,6 @@ class CallTools:
     async def _run(self, tool: Tool, call_id: str, arguments: Any) -> tuple[str, str]:
         started = time.monotonic()
         status, output = await self._call(tool, call_id, arguments)
-        self.runs += 1
         self._ran(call_id, tool.name, status, output, round((time.monotonic() - started) * 1000))
         return call_id, output
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Iterable
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -180,7 +181,5 @@ def install(app, registry: "CallRegistry") -> BridgeMetrics:
     app[PROM] = metrics
     return metrics
 
-
-from aiohttp import web  # noqa: E402
 
 PROM = web.AppKey("prometheus", BridgeMetrics)
