@@ -3,6 +3,9 @@ an aiohttp app served on a free loopback port."""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from aiohttp import web
 
 
@@ -25,3 +28,8 @@ timeout_seconds = {timeout}
 headers = {{ Authorization = "Bearer ${{{secret_var}}}" }}
 parameters = {{ type = "object", properties = {{ number = {{ type = "string" }} }}, required = ["number"] }}
 '''
+
+
+def chat_delta(delta: dict[str, Any]) -> bytes:
+    """One server-sent chunk of a streamed chat completion, as OpenAI-compatible servers send it."""
+    return f"data: {json.dumps({'choices': [{'index': 0, 'delta': delta}]})}\n\n".encode()

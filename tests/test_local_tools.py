@@ -11,7 +11,7 @@ import json
 from aiohttp import web
 
 from harness.speech import recognize
-from harness.web import serve_app, tools_toml
+from harness.web import chat_delta, serve_app, tools_toml
 from tests.conftest import eventually
 from tests.test_localrt import serve_local
 
@@ -32,13 +32,11 @@ def _chat_server(requests: list):
             for piece in ({"index": 0, "id": "call_abc123", "type": "function",
                            "function": {"name": "lookup_order", "arguments": args[:10]}},
                           {"index": 0, "function": {"arguments": args[10:]}}):  # arguments in two pieces
-                chunk = {"choices": [{"index": 0, "delta": {"tool_calls": [piece]}}]}
-                await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                await resp.write(chat_delta({"tool_calls": [piece]}))
         else:
             status = json.loads(result["content"])["status"] if result else "unknown"
             for text in ("Your order has been ", f"{status}. ", "It came two days early."):
-                chunk = {"choices": [{"index": 0, "delta": {"content": text}}]}
-                await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                await resp.write(chat_delta({"content": text}))
         await resp.write(b"data: [DONE]\n\n")
         return resp
 

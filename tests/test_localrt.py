@@ -14,6 +14,7 @@ from openai import AsyncOpenAI
 import settings as config
 from localrt.server import build_local_app
 from harness.speech import read_pcm, recognize, speech_wav
+from harness.web import chat_delta
 
 UTTERANCE = "What is the weather like today?"
 
@@ -171,15 +172,12 @@ async def slow_chat_backend(sentences: int = 40, every_s: float = 0.3):
     """The local backend answering through a chat-completions server that streams a sentence
     every `every_s`: its responses stay active for seconds, whatever the speed of the TTS
     (Piper synthesises far faster than real time, so an echoed text is done in a blink)."""
-    import json as _json
-
     async def completions(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         try:
             for i in range(sentences):
-                chunk = {"choices": [{"index": 0, "delta": {"content": f"Sentence number {i} is here. "}}]}
-                await resp.write(f"data: {_json.dumps(chunk)}\n\n".encode())
+                await resp.write(chat_delta({"content": f"Sentence number {i} is here. "}))
                 await asyncio.sleep(every_s)
             await resp.write(b"data: [DONE]\n\n")
         except ConnectionError:
@@ -270,8 +268,6 @@ async def test_two_spoken_sessions_at_once_both_complete(local_url, utterance_pc
 
 async def test_a_chat_completions_server_answers_with_the_instructions_and_the_conversation(utterance_pcm):
     """LOCAL_RESPONDER pointed at an OpenAI-compatible chat server (a real HTTP server streaming SSE)."""
-    import json as _json
-
     seen_requests = []
 
     async def completions(request: web.Request) -> web.StreamResponse:
@@ -280,8 +276,7 @@ async def test_a_chat_completions_server_answers_with_the_instructions_and_the_c
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         for piece in ["It is sunny. ", "Take a hat", "."]:
-            chunk = {"choices": [{"index": 0, "delta": {"content": piece}}]}
-            await resp.write(f"data: {_json.dumps(chunk)}\n\n".encode())
+            await resp.write(chat_delta({"content": piece}))
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
