@@ -185,7 +185,7 @@ class Call:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         self._watch_peer_connect()  # before anything awaits: the task it started has not run yet
         if pc.sctp is not None:
-            sctpcap.install(pc.sctp, self._on_oversized_page_message, self._on_page_flood)
+            sctpcap.install(pc.sctp, self._on_oversized_page_message, self._on_page_flood, self._on_invalid_page_text)
         # Attach our track to the offered audio transceiver *before* createAnswer,
         # or the answer comes out recvonly.
         pc.addTrack(self.playback)
@@ -847,6 +847,11 @@ class Call:
         self.to_page(events.error(
             f"A data-channel message of {size} bytes was dropped: the limit is {sctpcap.MAX_MESSAGE_BYTES} "
             "bytes (the answer's max-message-size).", code=ErrorCode.MESSAGE_TOO_LARGE))
+
+    def _on_invalid_page_text(self, exc: UnicodeDecodeError) -> None:
+        self.to_page(events.error(
+            f"A data-channel text message was dropped: it is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at "
+            f"offset {exc.start}: {exc.reason}).", code=ErrorCode.INVALID_UTF8))
 
     def _on_page_flood(self, held: int) -> None:
         self.end(f"the peer sent {held} bytes of unfinished data-channel messages, past the "

@@ -84,6 +84,7 @@ class ErrorCode:
     MESSAGE_TOO_LARGE = "message_too_large"
     # Bridge-specific
     EVENT_NOT_ALLOWED = "event_not_allowed"
+    INVALID_UTF8 = "invalid_utf8"
     SESSION_FIELDS_DROPPED = "session_fields_not_allowed"
     UPSTREAM_CLOSED = "upstream_closed"
     UPSTREAM_ERROR = "upstream_error"

@@ -8,7 +8,12 @@ both (Chrome refuses to send a bigger message). So:
 - a message over the advertised limit is dropped on arrival, and the page told why
   (the call goes on);
 - a peer whose unreassembled fragments exceed the receive window is ignoring
-  SCTP flow control: its call ends, with the reason.
+  SCTP flow control: its call ends, with the reason;
+- a text message (payload protocol "WebRTC String") whose bytes are not UTF-8 is
+  dropped and the page told where the bad byte is (aiortc decodes it unguarded, and
+  the exception took the call's SCTP association down with it); a channel-open
+  request with a label that is not UTF-8, or for a stream already open (aiortc
+  asserts), is dropped with a warning.
 
 aiortc has no hook for either; this wraps two methods of the call's own
 `RTCSctpTransport` instance (aiortc 1.16 names, checked at install).
@@ -17,7 +22,8 @@ aiortc has no hook for either; this wraps two methods of the call's own
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from struct import unpack_from
+from typing import Callable, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +33,32 @@ except ImportError:  # pragma: no cover
     MAX_MESSAGE_BYTES = 262144
 #: aiortc's initial advertised receive window.
 RECEIVE_WINDOW_BYTES = 1024 * 1024
+#: RFC 8831's payload protocol ids for a channel-control message and a text message.
+PPID_DCEP, PPID_STRING = 50, 51
+_DCEP_OPEN = 0x03
 
 
-def install(transport, on_oversized: Callable[[int], None], on_flood: Callable[[int], None]) -> bool:
+def invalid_text(data: bytes) -> Optional[UnicodeDecodeError]:
+    """Why a text message's bytes are not UTF-8 (None when they are)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc
+    return None
+
+
+def bad_channel_open(data: bytes) -> Optional[str]:
+    """What is wrong with a DATA_CHANNEL_OPEN that aiortc would choke on, if anything."""
+    if len(data) < 12 or data[0] != _DCEP_OPEN:
+        return None
+    label_length, protocol_length = unpack_from("!HH", data, 8)
+    if invalid_text(data[12:12 + label_length]) or invalid_text(data[12 + label_length:12 + label_length + protocol_length]):
+        return "its label or protocol is not UTF-8"
+    return None
+
+
+def install(transport, on_oversized: Callable[[int], None], on_flood: Callable[[int], None],
+            on_invalid_text: Callable[[UnicodeDecodeError], None] = lambda exc: None) -> bool:
     """Wrap `transport` (an aiortc RTCSctpTransport); False if its internals are not 1.16's."""
     receive_chunk = getattr(transport, "_receive_data_chunk", None)
     deliver = getattr(transport, "_receive", None)
@@ -60,6 +89,19 @@ def install(transport, on_oversized: Callable[[int], None], on_flood: Callable[[
         if len(data) > MAX_MESSAGE_BYTES:
             on_oversized(len(data))
             return
+        if pp_id == PPID_STRING:
+            bad = invalid_text(data)
+            if bad is not None:
+                on_invalid_text(bad)
+                return
+        elif pp_id == PPID_DCEP:
+            channels = getattr(transport, "_data_channels", {})
+            reason = bad_channel_open(data)
+            if reason is None and len(data) >= 12 and data[0] == _DCEP_OPEN and stream_id in channels:
+                reason = f"stream {stream_id} is already open"
+            if reason is not None:
+                logger.warning("a data-channel open request was dropped: %s", reason)
+                return
         await deliver(stream_id, pp_id, data)
 
     transport._receive_data_chunk = receive_data_chunk

@@ -279,3 +279,34 @@ async def test_a_peer_that_floods_unfinished_fragments_is_ended_with_the_reason(
     assert "receive window" in call.reason
     held = sum(len(c.user_data) for s in transport._inbound_streams.values() for c in s.reassembly)
     assert held == 0
+
+
+
+async def test_a_text_message_that_is_not_utf8_gets_an_error_and_the_call_goes_on(bridge, stub, new_caller):
+    caller, _ = await connected_call(bridge, stub, new_caller)
+    call = next(iter(bridge.registry.calls.values()))
+    error = asyncio.ensure_future(caller.next_event("error", 10))
+    bad = b'{"type":"response.create","x":"' + b"\xff" + b'"}'  # raw SCTP, "WebRTC String" (51), as a hostile page sends it
+    await caller.pc.sctp._send(caller.channel.id, 51, bad)
+    error = await error
+    assert error["error"]["code"] == "invalid_utf8"
+    assert "0xff at offset 31" in error["error"]["message"]
+    assert call.reason is None and caller.pc.connectionState == "connected"
+    caller.send_event({"type": "response.create"})  # the call goes on
+    await caller.wait_event("response.created", 10)
+
+
+async def test_a_channel_open_with_a_label_that_is_not_utf8_or_for_an_open_stream_is_dropped(bridge, stub, new_caller, caplog):
+    import struct
+
+    caller, _ = await connected_call(bridge, stub, new_caller)
+    call = next(iter(bridge.registry.calls.values()))
+    label = b"oai-\xfe\xff"
+    await caller.pc.sctp._send(7, 50, struct.pack("!BBHLHH", 0x03, 0, 0, 0, len(label), 0) + label)
+    again = struct.pack("!BBHLHH", 0x03, 0, 0, 0, 10, 0) + b"oai-events"  # a second open of the open channel
+    await caller.pc.sctp._send(caller.channel.id, 50, again)
+    caller.send_event({"type": "response.create"})  # ordered after both on the wire: the call went on
+    await caller.wait_event("response.created", 10)
+    assert call.reason is None and 7 not in call.pc.sctp._data_channels
+    dropped = [r.getMessage() for r in caplog.records if "open request was dropped" in r.getMessage()]
+    assert any("not UTF-8" in m for m in dropped) and any("already open" in m for m in dropped)
