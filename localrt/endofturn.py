@@ -26,14 +26,17 @@ class Verdict(str, Enum):
     INCOMPLETE = "incomplete"
 
 
-#: Words a sentence does not end on: articles, conjunctions, most prepositions,
-#: possessives, auxiliaries and hesitations.
+#: Words a sentence does not end on: articles, conjunctions, most prepositions, possessives
+#: and hesitations.
 _OPEN_ENDINGS = frozenset("""
-a an the and or but nor so because since although though unless until while whereas if than that which who whom
+a an the and or but nor because since although though unless until while whereas if than which who whom
 whose where when whether to of for with without from into onto about by at as like via per between among through
-during before after my your his her its our their this these those some any every each no is are was were be been
-am do does did have has had will would can could should shall may might must um uh er erm hmm just very really
-also then plus including such""".split())
+during before after my your his her its our their every no um uh er erm hmm plus including such""".split())
+#: Words that end a sentence only when the speaker closes it ("I think so.", "Yes, it is.",
+#: "What is this?"): with closing punctuation unsure, without it unfinished.
+_SOFT_ENDINGS = frozenset("""
+so that this these those some any each is are was were be been am do does did have has had will would can could
+should shall may might must just very really also then""".split())
 #: Endings that finish a sentence often enough ("turn it on.", "what is it about?") to be unsure.
 _WEAK_ENDINGS = frozenset("on in up off out over down around back here there".split())
 _TRAILING = re.compile(r"(\.\.\.|…|,|;|:|-|–|—)\s*$")
@@ -52,6 +55,8 @@ def judge(text: str) -> Verdict:
     last = words[-1]
     if last in _OPEN_ENDINGS:
         return Verdict.INCOMPLETE
+    if last in _SOFT_ENDINGS:
+        return Verdict.UNSURE if _FINAL.search(text) else Verdict.INCOMPLETE
     if last in _WEAK_ENDINGS:
         return Verdict.UNSURE
     if text.endswith("?") or text.endswith("!"):

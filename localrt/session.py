@@ -298,8 +298,9 @@ class LocalSession:
         semantic VAD reads it to decide whether the turn is over)."""
         detector = self._detector
         assert detector is not None
-        quiet = detector.quiet_ms
         semantic = (self.turn_detection or {}).get("type") == "semantic_vad"
+        # semantic VAD needs the transcript to decide: start on the voice's own silence
+        quiet = detector.voice_quiet_ms if semantic else detector.quiet_ms
         start_at = SPECULATE_AFTER_MS if semantic else min(150, detector.silence_duration_ms / 2)
         if not self._predecoded and quiet >= start_at:
             self._stt_jobs.put_nowait(("predecode", self._guess_gen))
@@ -377,6 +378,8 @@ class LocalSession:
                     if arg:
                         await self._stt.feed(arg)
                 elif job == "predecode":
+                    if arg != self._guess_gen:
+                        continue  # they went on speaking before it started
                     text = await self._stt.predecode()
                     if arg == self._guess_gen and self._detector is not None and self._detector.speaking:
                         self._guess = text

@@ -106,6 +106,14 @@ class TurnDetector:
         """While speaking: how long the speaker has been quiet (0 while voice goes on)."""
         return self._silence_ms if self.speaking else 0.0
 
+    @property
+    def voice_quiet_ms(self) -> float:
+        """While speaking: time since the last window loud enough to be voice, even while
+        silero still hears speech in the decay (0 while voice goes on)."""
+        if not self.speaking:
+            return 0.0
+        return max(self._silence_ms, self._samples * 1000 / VAD_RATE - self._last_loud_ms)
+
     def reset(self) -> None:
         self.vad.reset()
         self.speaking = False

@@ -419,3 +419,55 @@ async def test_the_session_s_speed_makes_piper_speak_faster():
         assert "sister" in heard and "remind" in heard, heard
     finally:
         await speaker.close()
+
+
+def _speech_end_ms(pcm24: bytes) -> int:
+    """Where the voice ends: the end of the last 5 ms above -40 dBFS."""
+    import numpy as np
+
+    x = np.frombuffer(pcm24, dtype="<i2").astype(np.float64) / 32768.0
+    n = x.size // 120
+    level = 10 * np.log10((x[: n * 120].reshape(n, 120) ** 2).mean(axis=1) + 1e-12)
+    return (int(np.nonzero(level > -40)[0][-1]) + 1) * 5
+
+
+def _paused_sentence(folder, first: str, second: str, pause_s: float = 0.45) -> tuple[bytes, int]:
+    """`first`, a pause of `pause_s` (from the end of its voice), `second`; and where the pause starts (ms)."""
+    a, _ = read_pcm(speech_wav(first, folder / "a.wav", rate=24000, pad_s=0.0))
+    b, _ = read_pcm(speech_wav(second, folder / "b.wav", rate=24000, pad_s=1.5))
+    end_a = _speech_end_ms(a)
+    a = a[: end_a * 48]
+    b = b[int(0.45 * 24000) * 2:]  # most of the 0.5 s speech_wav puts in front
+    return a + bytes(int((pause_s - 0.05) * 24000) * 2) + b, end_a
+
+
+async def _turn_ends(conn, pcm: bytes, turn_detection: dict, speed: float = 1.0) -> list:
+    await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": turn_detection}}})
+    await until(conn, "session.updated")
+    seen: list = []
+    await stream_realtime(conn, pcm, speed=speed)
+    await until(conn, "response.done", seen=seen)
+    return [e for e in seen if e.type == "input_audio_buffer.speech_stopped"]
+
+
+async def test_server_vad_ends_a_turn_its_silence_after_the_voice_ends_not_after_the_vad_lets_go(local_url, utterance_pcm):
+    async with sdk(local_url).realtime.connect(model="m") as conn:
+        await until(conn, "session.created")
+        stops = await _turn_ends(conn, utterance_pcm, {"type": "server_vad", "silence_duration_ms": 500})
+        assert len(stops) == 1
+        silence = stops[0].audio_end_ms - _speech_end_ms(utterance_pcm)
+        assert 500 <= silence < 500 + 32 + 40  # one VAD window; silero alone added 60-130 ms
+
+
+async def test_semantic_vad_answers_a_finished_sentence_sooner_and_waits_through_a_pause_after_an_open_word(
+        local_url, utterance_pcm, tmp_path):
+    paused, pause_at = _paused_sentence(tmp_path, "I would like to book a table for", "two people tonight.")
+    async with sdk(local_url).realtime.connect(model="m") as conn:
+        await until(conn, "session.created")
+        # streamed at half speed: the speculative decode's time counts half on the audio's timeline
+        stops = await _turn_ends(conn, utterance_pcm, {"type": "semantic_vad", "eagerness": "auto"}, speed=0.5)
+        assert len(stops) == 1
+        assert stops[0].audio_end_ms - _speech_end_ms(utterance_pcm) < 450  # server VAD's default waits 500
+        stops = await _turn_ends(conn, paused, {"type": "semantic_vad", "eagerness": "high"}, speed=0.5)
+        assert len(stops) == 1, "the 450 ms pause after 'for' ended the turn"
+        assert stops[0].audio_end_ms > pause_at + 450
