@@ -239,7 +239,7 @@ def write_report(r: dict) -> Path:
         for row in rel["rows"]:
             lines.append(f"| {row['loss_pct']:.0f} | {row['path']} | {_p(row['latency_ms'])} | {row['stalls_per_min']} | {row['lost']} |")
     lines += ["", *_browser_section(r.get("browser_loss") or {"skipped": "not part of this run"})]
-    lines += ["", *admission_section(), "", *reconnect_section(), "", *cluster_section()]
+    lines += ["", *admission_section(), "", *reconnect_section(), "", *cluster_section(), "", *voice_to_voice_section()]
     path = ROOT / "BENCHMARKS.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -451,6 +451,60 @@ def cluster_section() -> list[str]:
     return lines
 
 
+def _hops(summary: dict) -> str:
+    from bench.voice_to_voice import HOPS
+
+    return " + ".join(f"{(summary.get(h + '_ms') or {}).get('p50')}" for h in HOPS)
+
+
+def voice_to_voice_section() -> list[str]:
+    """Section 11, from bench/voice_to_voice.py (aiortc caller) and bench/voice_to_voice_browser.py (Chromium)."""
+    lines = ["## 11. Voice to voice: the end of what was said → the first sound of the answer", ""]
+    a, b = _result("voice_to_voice"), _result("voice_to_voice_browser")
+    if a is None and b is None:
+        return lines + ["Not measured yet: run `python bench/voice_to_voice.py` and `python bench/voice_to_voice_browser.py`."]
+    lines += ["Each sentence's end of speech (its last 5 ms above -40 dBFS as the caller sent it) to the first audible "
+              "5 ms of the answer as the caller plays it; the embedded local backend (Whisper tiny.en, the echo "
+              "responder, Piper), no key. Hops (p50 each, from the `oai-events` events on the same clock): turn end "
+              "(→ `speech_stopped`) + recognition (→ transcription completed) + responder (→ first transcript delta) "
+              "+ synthesis and playback start (→ `output_audio_buffer.started`) + downlink and playout (→ first audible). "
+              "Cut-ins: answers that start inside a sentence's 450 ms pause.", "",
+              "| caller | setting | voice to voice p50 / p95 / max ms | hops p50 ms | cut-ins | Chromium jitter buffer / playout delay |",
+              "|---|---|---|---|---|---|"]
+    for run in (b or {}).get("runs", []):
+        s = run["summary"]
+        c = s.get("chromium") or {}
+        lines.append(f"| Chromium (bundled page) | audio path {run['audio_path']} | {_p(s['voice_to_voice_ms'])} | {_hops(s)} | "
+                     f"{s['cut_ins']} of {s['pauses']} | {c.get('jitter_buffer_ms')} / {c.get('playout_delay_ms')} ms |")
+    for sc in (a or {}).get("scenarios", []):
+        s = sc["summary"]
+        lines.append(f"| aiortc caller | {sc['name']} | {_p(s['voice_to_voice_ms'])} | {_hops(s)} | "
+                     f"{s['cut_ins']} of {s['pauses']} | |")
+    for r in (x for x in (b, a) if x):
+        lines.append("")
+        lines.append(f"- `{r['command']}` on {r['date']}.")
+    return lines
+
+
+def voice_to_voice_headline() -> list[str]:
+    a, b = _result("voice_to_voice"), _result("voice_to_voice_browser")
+    rows = []
+    if b and b.get("runs"):
+        s = b["runs"][0]["summary"]
+        rows.append(f"Voice to voice (`bench/voice_to_voice_browser.py`, BENCHMARKS.md §11, {b['date']}): in real Chromium "
+                    f"with the bundled page and the local backend, the end of a sentence to the first sound of the answer "
+                    f"is **{s['voice_to_voice_ms']['p50']} ms p50** ({s['voice_to_voice_ms']['p95']} ms p95, "
+                    f"{s['voice_to_voice_ms']['n']} sentences; {s['cut_ins']} cut-ins in {s['pauses']} mid-sentence pauses).")
+    if a and a.get("scenarios"):
+        by = {sc["name"]: sc["summary"]["voice_to_voice_ms"] for sc in a["scenarios"]}
+        now = by.get("local backend, defaults") or {}
+        before = by.get("local backend, server_vad 500 ms (the previous default)")
+        tail = f"; with server VAD's 500 ms silence instead of semantic VAD, {before['p50']} ms" if before else ""
+        rows.append(f"Through an aiortc caller (`bench/voice_to_voice.py`, {a['date']}; its jitter buffer adds ≈80 ms): "
+                    f"{now.get('p50')} ms p50, {now.get('p95')} ms p95{tail}.")
+    return rows
+
+
 def admission_headline() -> list[str]:
     a = _result("admission")
     if a is None:
@@ -501,6 +555,9 @@ def update_readme(r: dict) -> None:
     browser = r.get("browser_loss") or {}
     if browser.get("runs"):
         rows += ["", *browser_headline(browser)]
+    v2v = voice_to_voice_headline()
+    if v2v:
+        rows += ["", *v2v]
     admission = admission_headline()
     if admission:
         rows += ["", *admission]

@@ -233,18 +233,22 @@ async def scenario(name: str, clips: list, rounds: int, server_args: list[str], 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="one round, the default settings only")
+    ap.add_argument("--quick", action="store_true", help="one round, the default settings only (no result file)")
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="v2v-"))
     clips = [(text, sentence_pcm(text, folder, i)) for i, text in enumerate(SENTENCES)]
     rounds = 1 if args.quick else args.rounds
     scenarios = [("local backend, defaults", [], {}, None)]
+    if not args.quick:
+        scenarios += [("local backend, aiortc's audio path", ["--audio-path", "aiortc"], {}, None),
+                      ("local backend, server_vad 500 ms (the previous default)", ["--turn-detection", "server_vad"], {},
+                       None)]
     results = []
     for name, server_args, env, td in scenarios:
         results.append(asyncio.run(scenario(name, clips, rounds, server_args, env, td)))
         print(json.dumps({"scenario": name, **results[-1]["summary"]}), flush=True)
-    path = write_result("voice_to_voice", {"sentences": SENTENCES, "pause_ms": PAUSE_S * 1000,
-                                           "scenarios": results})
+    path = write_result("voice_to_voice_quick" if args.quick else "voice_to_voice",
+                        {"sentences": SENTENCES, "pause_ms": PAUSE_S * 1000, "rounds": rounds, "scenarios": results})
     print(f"wrote {path}", file=sys.stderr)
     print(json.dumps({r["name"]: r["summary"]["voice_to_voice_ms"] for r in results}))
 

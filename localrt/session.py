@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 15 * 1024 * 1024
 MIN_COMMIT_MS = 100
-#: Semantic VAD: the speculative decode starts after this much quiet (two VAD windows).
-SPECULATE_AFTER_MS = 60
+#: Semantic VAD: the speculative decode starts after this much quiet (pauses between words are shorter).
+SPECULATE_AFTER_MS = 80
 AUDIO_CHUNK_BYTES = REALTIME_RATE * 2 // 10  # 100 ms per output_audio.delta
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
 
@@ -258,8 +258,11 @@ class LocalSession:
         the speculative transcript is back, the silence of an unsure verdict applies."""
         td = self.turn_detection or {}
         timing = EAGERNESS.get(td.get("eagerness", "auto"), EAGERNESS["auto"])
-        verdict = judge(self._guess) if self._guess is not None else None
-        return quiet_ms >= (timing.unsure_ms if verdict is None else timing.silence_for(verdict))
+        if self._guess is None:
+            # The turn's transcript is needed to answer anyway: while its speculative decode is
+            # under way, ending the turn would only start the same decode again, later.
+            return quiet_ms >= timing.unsure_ms and not self._predecoded
+        return quiet_ms >= timing.silence_for(judge(self._guess))
 
     # -- input audio --------------------------------------------------------------------
 

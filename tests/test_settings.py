@@ -17,11 +17,16 @@ def load(argv=(), env=None, tmp_path=None):
     return config.load(["--env-file", env_file, *argv], environ=env or {})
 
 
-def test_defaults_are_server_vad_055_300ms_500ms_with_transcription_and_no_ice_servers():
+def test_defaults_are_semantic_vad_locally_server_vad_055_300ms_500ms_upstream_with_transcription_and_no_ice_servers():
     s = load()
     td = s.session_config()["audio"]["input"]["turn_detection"]
+    assert td == {"type": "semantic_vad", "eagerness": "auto", "create_response": True, "interrupt_response": True}
+    remote = config.load([], environ={"OPENAI_API_KEY": "sk-test"})
+    td = remote.session_config()["audio"]["input"]["turn_detection"]
     assert td == {"type": "server_vad", "threshold": 0.55, "prefix_padding_ms": 300, "silence_duration_ms": 500,
                   "create_response": True, "interrupt_response": True}
+    forced = config.load(["--turn-detection", "server_vad"], environ={})
+    assert forced.session_config()["audio"]["input"]["turn_detection"]["type"] == "server_vad"
     assert s.session_config()["audio"]["input"]["transcription"] == {"model": "whisper-1"}
     assert s.session_config()["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
     assert s.ice_servers == () and s.uses_local_backend
@@ -64,7 +69,7 @@ def test_the_key_never_appears_in_the_repr():
     (["--port", "70000"], "between 0 and 65535"),
     (["--realtime-url", "http://example.com"], "ws:// or wss://"),
     (["--vad-threshold", "1.5"], "between 0 and 1"),
-    (["--turn-detection", "sometimes"], "must be one of server_vad, semantic_vad, none"),
+    (["--turn-detection", "sometimes"], "must be one of auto, server_vad, semantic_vad, none"),
     (["--ice-servers", "turn:turn.example.com:3478"], "need ICE_USERNAME and ICE_CREDENTIAL"),
     (["--realtime-url", "wss://api.openai.com/v1/realtime"], "OPENAI_API_KEY is not set"),
 ])
