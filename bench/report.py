@@ -469,7 +469,7 @@ def voice_to_voice_section() -> list[str]:
               "(→ `speech_stopped`) + recognition (→ transcription completed) + responder (→ first transcript delta) "
               "+ synthesis and playback start (→ `output_audio_buffer.started`) + downlink and playout (→ first audible). "
               "Cut-ins: answers that start inside a sentence's 450 ms pause.", "",
-              "| caller | setting | voice to voice p50 / p95 / max ms | hops p50 ms | cut-ins | Chromium jitter buffer / playout delay |",
+              "| caller | setting | voice to voice p50 / p95 / p99 / max ms | hops p50 ms | cut-ins | Chromium jitter buffer / playout delay |",
               "|---|---|---|---|---|---|"]
     for run in (b or {}).get("runs", []):
         s = run["summary"]

@@ -30,6 +30,9 @@ VAD_RATE = 16_000
 LOUD_BELOW_PEAK_DB = 30.0
 #: ...and only above this level (dBFS): steady noise is never voice.
 LOUD_FLOOR_DBFS = -50.0
+#: The level can make the silence longer than silero's own count by this much at most: enough for
+#: silero's hangover, never enough to end the turn of a voice quieter than the floor at a short gap.
+MAX_HANGOVER_MS = 160.0
 
 
 @dataclass
@@ -48,6 +51,7 @@ class TurnDetector:
         self._samples = 0  # 16 kHz samples seen
         self.speaking = False
         self._silence_ms = 0.0
+        self._silero_quiet_ms = 0.0  # silero's own count of the silence
         self._peak_db = -120.0  # the turn's loudest window
         self._last_loud_ms = 0.0  # end of the last window that was voice by its level
 
@@ -73,7 +77,7 @@ class TurnDetector:
             level = 10 * np.log10(float(np.mean(chunk * chunk)) + 1e-12)
             if not self.speaking:
                 if p >= self.threshold:
-                    self.speaking, self._silence_ms = True, 0.0
+                    self.speaking, self._silence_ms, self._silero_quiet_ms = True, 0.0, 0.0
                     self._peak_db, self._last_loud_ms = level, now_ms
                     begin = int(now_ms) - int(window_ms) - self.prefix_padding_ms
                     out.append(TurnEvent("start", max(start_offset_ms, begin)))
@@ -83,9 +87,10 @@ class TurnDetector:
                 self._last_loud_ms = now_ms
             # hysteresis as silero recommends: leave speech a little below the threshold
             if p >= max(0.05, self.threshold - 0.15):
-                self._silence_ms = 0.0
+                self._silence_ms = self._silero_quiet_ms = 0.0
                 continue
-            self._silence_ms = max(self._silence_ms + window_ms, now_ms - self._last_loud_ms)
+            self._silero_quiet_ms += window_ms
+            self._silence_ms = max(self._silero_quiet_ms, self._by_level(now_ms))
             if self._silence_ms >= self.max_silence_ms or (
                     self._silence_ms >= self.silence_duration_ms and (self.may_end is None or self.may_end(self._silence_ms))):
                 self.speaking = False
@@ -112,9 +117,12 @@ class TurnDetector:
         silero still hears speech in the decay (0 while voice goes on)."""
         if not self.speaking:
             return 0.0
-        return max(self._silence_ms, self._samples * 1000 / VAD_RATE - self._last_loud_ms)
+        return max(self._silence_ms, self._by_level(self._samples * 1000 / VAD_RATE))
+
+    def _by_level(self, now_ms: float) -> float:
+        return min(now_ms - self._last_loud_ms, self._silero_quiet_ms + MAX_HANGOVER_MS)
 
     def reset(self) -> None:
         self.vad.reset()
         self.speaking = False
-        self._silence_ms = 0.0
+        self._silence_ms = self._silero_quiet_ms = 0.0
