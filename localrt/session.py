@@ -26,7 +26,7 @@ from realtime.events import Client, ErrorCode, Event, Server
 
 from .endofturn import EAGERNESS, judge
 from .responder import Responder, ResponderError, Said, ToolCall
-from .stt import STTPool, Transcriber
+from .stt import STTError, STTPool, Transcriber
 from .tts import Speaker, TTSError
 from .vad import VAD_RATE, TurnDetector
 
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 15 * 1024 * 1024
 MIN_COMMIT_MS = 100
 #: Semantic VAD: the speculative decode starts after this much quiet (pauses between words are shorter).
-SPECULATE_AFTER_MS = 80
+SPECULATE_AFTER_MS = 60
 AUDIO_CHUNK_BYTES = REALTIME_RATE * 2 // 10  # 100 ms per output_audio.delta
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
 
@@ -95,6 +95,9 @@ class LocalSession:
         self._predecoded = False  # a speculative decode of this turn was asked for, and still stands
         self._guess_gen = 0  # bumped whenever the speaker goes on: a guess of an older one is stale
         self._guess: Optional[str] = None  # the speculative transcript of the turn up to this silence
+        self._guess_task: Optional[asyncio.Task] = None  # the decode that will give it
+        self._guess_tasks: set[asyncio.Task] = set()  # every one under way (stale ones run out)
+        self._turn16k = bytearray()  # the turn's audio at 16 kHz, as the recogniser hears it
         self._stt = Transcriber(stt)
         self._stt_jobs: asyncio.Queue = asyncio.Queue()
         self._stt_worker = asyncio.get_running_loop().create_task(self._run_stt())
@@ -114,7 +117,7 @@ class LocalSession:
         await self.send({"type": Server.SESSION_CREATED, "session": self.config})
 
     async def close(self) -> None:
-        tasks = [t for t in (self._response, self._stt_worker) if t and not t.done()]
+        tasks = [t for t in (self._response, self._stt_worker, *self._guess_tasks) if t and not t.done()]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -288,6 +291,7 @@ class LocalSession:
         turns = self._detector.feed(np.frombuffer(pcm16, dtype="<i2").astype(np.float32) / 32768.0)
         if speaking_before and not turns:
             self._stt_jobs.put_nowait(("feed", pcm16))
+            self._turn16k += pcm16
             self._speculate()
         for turn in turns:
             if turn.kind == "start":
@@ -306,11 +310,27 @@ class LocalSession:
         quiet = detector.voice_quiet_ms if semantic else detector.quiet_ms
         start_at = SPECULATE_AFTER_MS if semantic else min(150, detector.silence_duration_ms / 2)
         if not self._predecoded and quiet >= start_at:
-            self._stt_jobs.put_nowait(("predecode", self._guess_gen))
             self._predecoded = True
+            task = self._guess_task = asyncio.get_running_loop().create_task(
+                self._run_guess(self._guess_gen, bytes(self._turn16k)))
+            self._guess_tasks.add(task)
+            task.add_done_callback(self._guess_tasks.discard)
         elif quiet == 0 and (self._predecoded or self._guess is not None):
             self._predecoded = False  # they went on speaking: that guess is stale
-            self._guess, self._guess_gen = None, self._guess_gen + 1
+            self._guess, self._guess_gen, self._guess_task = None, self._guess_gen + 1, None
+
+    async def _run_guess(self, gen: int, pcm16: bytes) -> Optional[str]:
+        """One speculative decode; its transcript stands if the speaker said nothing since."""
+        try:
+            text = await self._stt.guess(pcm16)
+        except STTError as exc:
+            logger.warning("session %s: speculative transcription failed: %s", self.id, exc)
+            return None
+        if gen == self._guess_gen and self._detector is not None and self._detector.speaking:
+            self._guess = text
+            for turn in self._detector.recheck():  # semantic VAD may end the turn now
+                await self._speech_stopped(turn.ms)
+        return text
 
     async def _speech_started(self, audio_start_ms: int, now_ms: int) -> None:
         item_id = self._turn_item = events.new_id("item")
@@ -323,7 +343,8 @@ class LocalSession:
             await self._cancel_response("turn_detected")
         prefix = (now_ms - audio_start_ms) * VAD_RATE // 1000 * 2
         self._predecoded = False
-        self._guess, self._guess_gen = None, self._guess_gen + 1
+        self._guess, self._guess_gen, self._guess_task = None, self._guess_gen + 1, None
+        self._turn16k = bytearray(self._recent16k[-prefix:]) if prefix > 0 else bytearray()
         self._stt_jobs.put_nowait(("begin", None))
         self._stt_jobs.put_nowait(("feed", bytes(self._recent16k[-prefix:]) if prefix > 0 else b""))
 
@@ -358,8 +379,13 @@ class LocalSession:
         await self.send({"type": Server.ITEM_ADDED, "previous_item_id": previous, "item": item})
         await self.send({"type": Server.ITEM_DONE, "previous_item_id": previous, "item": item})
         if streaming:
-            self._stt_jobs.put_nowait(("finish", (item_id, respond, self._predecoded)))
-            self._predecoded = False
+            if self._guess is not None:  # nothing but silence since it was decoded: it is the turn's
+                self._stt_jobs.put_nowait(("known", (item_id, respond, self._guess)))
+            elif self._predecoded and self._guess_task is not None:  # under way: no sooner decoded again
+                self._stt_jobs.put_nowait(("guess", (item_id, respond, self._guess_task)))
+            else:
+                self._stt_jobs.put_nowait(("finish", (item_id, respond)))
+            self._predecoded, self._guess, self._guess_task = False, None, None
         else:
             self._stt_jobs.put_nowait(("whole", (item_id, Resampler16k()(audio), respond)))
 
@@ -380,17 +406,16 @@ class LocalSession:
                 elif job == "feed":
                     if arg:
                         await self._stt.feed(arg)
-                elif job == "predecode":
-                    if arg != self._guess_gen:
-                        continue  # they went on speaking before it started
-                    text = await self._stt.predecode()
-                    if arg == self._guess_gen and self._detector is not None and self._detector.speaking:
-                        self._guess = text
-                        for turn in self._detector.recheck():  # semantic VAD may end the turn now
-                            await self._speech_stopped(turn.ms)
+                elif job == "known":
+                    item_id, respond, text = arg
+                    await self._transcribed(item_id, text, respond)
+                elif job == "guess":
+                    item_id, respond, task = arg
+                    text = await task
+                    await self._transcribed(item_id, text if text is not None else await self._stt.finish(), respond)
                 elif job == "finish":
-                    item_id, respond, speculative = arg
-                    await self._transcribed(item_id, await self._stt.finish(speculative=speculative), respond)
+                    item_id, respond = arg
+                    await self._transcribed(item_id, await self._stt.finish(), respond)
                 elif job == "whole":
                     item_id, pcm16, respond = arg
                     await self._transcribed(item_id, await self._stt.transcribe(pcm16), respond)
@@ -398,7 +423,7 @@ class LocalSession:
                 raise
             except Exception as exc:  # a broken decoder must not kill the session
                 logger.exception("session %s: transcription failed", self.id)
-                if job in ("finish", "whole"):
+                if job in ("finish", "whole", "guess", "known"):
                     await self.send({"type": Server.INPUT_TRANSCRIPTION_FAILED, "item_id": arg[0], "content_index": 0,
                                      "error": {"type": "transcription_error", "code": "stt_failed", "message": str(exc)}})
 

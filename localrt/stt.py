@@ -8,10 +8,11 @@ recogniser (kept for comparisons, if its wheel is installed).
 
 Whisper decodes a whole utterance at once, so a worker keeps each session's audio
 and decodes it when the turn ends. To keep that decode out of the reply's latency
-the session asks for a *speculative* decode as soon as the speaker has been quiet
-for a moment (`predecode`); when the turn detector then declares the turn over
-(hundreds of milliseconds later) and nothing was said since, the transcript is
-already there.
+the session asks for a *speculative* decode of the turn so far as soon as the speaker
+pauses (`guess`, on whichever worker is free, so that one still running for a pause
+the speaker talked through holds up no other); if the pause turns out to end the
+turn, that transcript is the turn's, and semantic VAD reads it to decide whether it
+does.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .workers import REPLY_OK, Reply, WorkerError, WorkerPool, serve
 
 logger = logging.getLogger(__name__)
 
-OP_BEGIN, OP_FEED, OP_FINISH, OP_TRANSCRIBE, OP_CLOSE, OP_PREDECODE = 1, 2, 3, 4, 5, 6
+OP_BEGIN, OP_FEED, OP_FINISH, OP_TRANSCRIBE, OP_CLOSE = 1, 2, 3, 4, 5
 STT_RATE = 16_000
 #: Utterances up to this long are decoded in a window fitted to them (see `_decode_short`).
 LONG_UTTERANCE_S = 20.0
@@ -92,15 +93,18 @@ class Transcriber:
     async def feed(self, pcm16k: bytes) -> None:
         await self._call(OP_FEED, pcm16k)
 
-    async def predecode(self) -> str:
-        """Decode what was said so far, in case the turn is over (then finish answers with
-        it); returns that transcript (semantic VAD reads it)."""
-        return await self._call(OP_PREDECODE, reply=True)
+    async def guess(self, pcm16k: bytes) -> str:
+        """A speculative transcript of the turn so far, on whichever worker has the least to do:
+        a guess still running for a pause the speaker talked through then holds up no other."""
+        worker = self._pool.least_busy()
+        try:
+            return (await worker.call(OP_TRANSCRIBE, 0, pcm16k, reply=True)).decode("utf-8").strip()
+        except WorkerError as exc:
+            raise STTError(str(exc)) from None
 
-    async def finish(self, tail16k: bytes = b"", *, speculative: bool = False) -> str:
-        """The utterance's transcript. `speculative`: nothing but silence came since the
-        last predecode, so its result stands."""
-        return await self._call(OP_FINISH, (b"\x01" if speculative else b"\x00") + tail16k, reply=True)
+    async def finish(self, tail16k: bytes = b"") -> str:
+        """The utterance's transcript, decoded from what was fed."""
+        return await self._call(OP_FINISH, tail16k, reply=True)
 
     async def transcribe(self, pcm16k: bytes) -> str:
         """Whole-buffer transcription (client-committed turns)."""
@@ -141,7 +145,6 @@ class _Whisper:
         name = _model_name(path) if path.is_dir() else model
         self.info = f"whisper {name} ({size / 1e6:.1f} MB, {time.monotonic() - started:.1f} s)"
         self.audio: dict[int, bytearray] = {}
-        self.speculation: dict[int, tuple[int, str]] = {}  # sid → (bytes decoded, text)
 
     def decode(self, pcm16k: bytes) -> str:
         if len(pcm16k) < STT_RATE // 10 * 2:  # under 100 ms: nothing to hear
@@ -182,27 +185,14 @@ class _Whisper:
     def handle(self, op: int, sid: int, payload: bytes, reply: Reply) -> None:
         if op == OP_BEGIN:
             self.audio[sid] = bytearray()
-            self.speculation.pop(sid, None)
         elif op == OP_FEED:
             self.audio.setdefault(sid, bytearray()).extend(payload)
-        elif op == OP_PREDECODE:
-            audio = self.audio.get(sid)
-            text = ""
-            if audio:
-                text = self.decode(bytes(audio))
-                self.speculation[sid] = (len(audio), text)
-            reply(REPLY_OK, text.encode())
         elif op == OP_FINISH:
-            speculative, tail = payload[:1] == b"\x01", payload[1:]
-            audio = self.audio.pop(sid, bytearray()) + tail
-            guess = self.speculation.pop(sid, None)
-            text = guess[1] if speculative and guess is not None else self.decode(bytes(audio))
-            reply(REPLY_OK, text.encode())
+            reply(REPLY_OK, self.decode(bytes(self.audio.pop(sid, bytearray()) + payload)).encode())
         elif op == OP_TRANSCRIBE:
             reply(REPLY_OK, self.decode(payload).encode())
         elif op == OP_CLOSE:
             self.audio.pop(sid, None)
-            self.speculation.pop(sid, None)
 
 
 def without_repeats(text: str) -> str:
@@ -257,11 +247,8 @@ class _Pocketsphinx:
             self.in_utt.add(sid)
         if op == OP_FEED and sid in self.in_utt and payload:
             d.process_raw(payload, False, False)
-        elif op == OP_PREDECODE:
-            hyp = d.hyp() if sid in self.in_utt else None
-            reply(REPLY_OK, (hyp.hypstr if hyp is not None else "").encode())
         elif op == OP_FINISH:
-            reply(REPLY_OK, self._end(sid, payload[1:]).encode())
+            reply(REPLY_OK, self._end(sid, payload).encode())
         elif op == OP_TRANSCRIBE:
             reply(REPLY_OK, self._end(sid, payload).encode())
         elif op == OP_CLOSE:

@@ -67,6 +67,11 @@ class Worker:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
+    @property
+    def in_flight(self) -> int:
+        """Requests sent and not yet answered."""
+        return len(self._pending)
+
     async def _read(self) -> None:
         assert self.proc and self.proc.stdout
         try:
@@ -189,6 +194,14 @@ class WorkerPool:
 
     def release(self, worker: Worker) -> None:
         worker.sessions -= 1
+
+    def least_busy(self) -> Worker:
+        """The running worker with the fewest requests under way (for one-off requests that
+        need no session state)."""
+        alive = [w for w in self.workers if w.alive]
+        if not alive:
+            raise WorkerError("no model worker is running")
+        return min(alive, key=lambda w: w.in_flight)
 
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self.workers if w.proc is not None and w.alive]
