@@ -92,6 +92,7 @@ class Settings:
     pending_offers_per_address: int = 10
     audio_path: str = "libopus"
     reorder_wait_ms: int = 40
+    echo_guard: str = "auto"
     red: bool = True
     opus_bitrate: int = 32000
     opus_dtx: bool = False
@@ -441,6 +442,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("upstream_session_lifetime", ("UPSTREAM_SESSION_LIFETIME",), _lifetime, "seconds after which a call moves to a new upstream session between turns, with the conversation replayed as text ('auto': 3300 for OpenAI and Azure, whose sessions end at 60 minutes, none for other servers; 0: never). A session closed with 1001/1006/1011/1012/1013 is replaced the same way at any time", shown="auto"),
     Option("audio_path", ("AUDIO_PATH",), _choice("libopus", "aiortc"), "Opus both ways: 'libopus' is the bridge's own (answer asks for in-band FEC and RED; lost packets rebuilt from RED, then FEC, then concealment; 24 kHz mono encoder with FEC sized from the browser's loss reports); 'aiortc' is aiortc's stock path (its jitter buffer, PyAV decode + resample, 96 kb/s CELT encoder, no FEC, lost audio becomes silence)"),
     Option("reorder_wait_ms", ("REORDER_WAIT_MS",), _non_negative_int, "longest wait for a missing packet before it is given up and rebuilt, ms (rounded down to 20 ms packets; no wait when the next packet carries the lost audio)"),
+    Option("echo_guard", ("ECHO_GUARD",), _choice("auto", "on", "off"), "server-side echo cancellation of the caller's audio against what the bridge played (WebRTC AEC3), for phones whose own canceller fails: 'auto' cancels while the model speaks until a call shows it has no echo (then its audio passes untouched), 'on' always while the model speaks, 'off' never"),
     Option("red", ("AUDIO_RED",), _bool, "negotiate redundant audio (RED, RFC 2198) with browsers that offer it: each packet also carries the previous frame (about twice the audio bitrate), so a lost packet is rebuilt exactly"),
     Option("opus_bitrate", ("OPUS_BITRATE",), _bitrate, "bitrate of the audio sent to the browser, bits/s (6000-128000; 24 kHz mono speech, in-band FEC on top)"),
     Option("browser_opus_bitrate", ("BROWSER_OPUS_BITRATE",), _browser_bitrate, "bitrate asked of the browser's Opus encoder, bits/s (answer's maxaveragebitrate; 0: the browser's default, 32000 in Chrome). In-band FEC comes out of this budget once loss is reported: at 32000 Chrome's speech lost 0.5 PESQ at 10 % loss, at 48000 0.3 (BENCHMARKS.md §7); RED doubles what is sent"),

@@ -97,7 +97,7 @@ class ControlPlane:
                                    ran=lambda *a: self._tool_ran(call, *a))
         if self.recordings is not None:
             call.recorder = self.recordings.start(call.id)
-            call.playback.on_pcm = call.recorder.model
+            call.playback.pcm_taps.append(call.recorder.model)
             call.record.data["recording"] = call.recorder.path
         self._write(call.record.data, final=False)
 

@@ -140,8 +140,9 @@ class PlaybackTrack(MediaStreamTrack):
         self.on_started: Optional[Callable[[str], None]] = None
         #: Called with the last item id when the buffer runs dry after `end_of_audio()`.
         self.on_stopped: Optional[Callable[[str], None]] = None
-        #: Called with each 20 ms frame's PCM as it goes to the encoder.
-        self.on_pcm: Optional[Callable[[bytes], None]] = None
+        #: Each called with every 20 ms frame's PCM as it goes to the encoder (a recording's
+        #: model side, the echo guard's reference).
+        self.pcm_taps: list[Callable[[bytes], None]] = []
 
     def set_frames(self, frames: Callable[[bytes, int], Any]) -> None:
         """Change what `recv()` returns (before the sender starts)."""
@@ -208,8 +209,8 @@ class PlaybackTrack(MediaStreamTrack):
             raise MediaStreamError
         await self._wait_for_slot()
         pcm = self._next_pcm()
-        if self.on_pcm is not None:
-            self.on_pcm(pcm)  # what goes on the wire (a recording's model side)
+        for tap in self.pcm_taps:
+            tap(pcm)  # what goes on the wire
         frame = self._make_frame(pcm, self._frames * OUT_FRAME_SAMPLES)
         self._frames += 1
         self.stats.frames += 1

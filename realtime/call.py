@@ -33,6 +33,7 @@ from media import downlink, ice, jitter, negotiate
 from media.downlink import OpusPacker
 from media.mic import MicPump, MicTimeout
 from media.playback import PlaybackTrack, Upsampler, pcm_frame
+from media.echo import EchoGuard
 from media.uplink import UplinkDecoder
 from settings import Settings
 
@@ -163,6 +164,8 @@ class Call:
             self.playback = PlaybackTrack()
             self.playback.on_started = self._on_playback_started
             self.playback.on_stopped = self._on_playback_stopped
+            self.echo = EchoGuard(self.settings.echo_guard, call_id=self.id)
+            self.playback.pcm_taps.append(self.echo.reference)
         self.mic: Optional[MicPump] = None  # aiortc's path
         self.uplink: Optional[UplinkDecoder] = None  # our own path
         self.packer: Optional[OpusPacker] = None
@@ -413,7 +416,8 @@ class Call:
             # Break the call's reference cycles (peer ↔ handlers ↔ call) so the
             # codecs and their buffers go now, by refcount, not at the next GC.
             self.pc.remove_all_listeners()
-            self.playback.on_started = self.playback.on_stopped = self.playback.on_pcm = None
+            self.playback.on_started = self.playback.on_stopped = None
+            self.playback.pcm_taps.clear()
             if self.channel is not None:
                 self.channel.remove_all_listeners()
         finally:
@@ -452,7 +456,8 @@ class Call:
                   "silence_ms": round(self.mic.stats.concealed_ms)}
         if rb is not None:
             up.update(reordered=rb.recovered, late=rb.late, waits_skipped=rb.skipped)
-        return {"uplink": up, "downlink": self.packer.stats.as_dict() if self.packer else {}}
+        return {"uplink": up, "downlink": self.packer.stats.as_dict() if self.packer else {},
+                "echo": self.echo.stats.as_dict()}
 
     def _uplink_summary(self) -> str:
         up = self.audio_counters()["uplink"]
@@ -527,6 +532,7 @@ class Call:
         self._send_mic_audio(pcm)
 
     def _send_mic_audio(self, pcm: bytes) -> None:
+        pcm = self.echo.process(pcm)
         if pcm:
             self.upstream.send(events.input_audio_append(pcm))
             if self.recorder is not None:

@@ -38,6 +38,10 @@ AUDIO_COUNTERS = (
     ("downlink", "packets", "bridge_downlink_packets_total", "Opus packets sent to callers"),
     ("downlink", "fec_packets", "bridge_downlink_fec_packets_total", "packets sent with in-band FEC"),
     ("downlink", "red_packets", "bridge_downlink_red_packets_total", "packets sent with RED"),
+    ("echo", "detected", "bridge_echo_detected_calls_total",
+     "calls in which the echo guard found the model's voice coming back in the caller's audio"),
+    ("echo", "cancelled_ms", "bridge_echo_cancelled_ms_total",
+     "ms of caller audio that reached the model through the echo canceller"),
 )
 
 

@@ -793,6 +793,8 @@ def _metrics(request: web.Request) -> dict:
         # how long the receive buffer held packets back waiting for missing ones (recent packets)
         "mic_hold_ms": percentiles(x for c in calls if c.receive_buffer for x in c.receive_buffer.stats.hold_ms),
         "downlink": _sum_counters(c.audio_counters()["downlink"] for c in calls),
+        "echo": {"calls_with_echo": sum(c.echo.stats.detected for c in calls),
+                 "cancelled_ms": sum(c.echo.stats.cancelled_ms for c in calls)},
         "process": process_stats(),
         "http_connections": request.app[GUARD].stats() if GUARD in request.app else None,
         "offers_refused": {"rate": registry.limits.refused_rate, "pending": registry.limits.refused_pending},

@@ -1,0 +1,269 @@
+"""Echo guard: the model's own voice taken out of the caller's audio, on the server.
+
+A phone on speaker, a car kit or a browser that ignores `echoCancellation` sends
+back what it plays: the model then hears itself, its VAD calls that speech, and
+it interrupts or answers itself. The bridge knows exactly what it played: every
+downlink frame passes through `PlaybackTrack` on its way to the encoder. That
+PCM is the reference of an acoustic echo canceller run on the uplink, before the
+audio reaches the model (and so before any VAD decides the caller is speaking).
+
+The engine is WebRTC's AEC3 (the canceller inside Chrome), through the
+`pywebrtc-audio` wheel, which ships the library: it estimates the echo path's
+delay itself (tested here from 80 to 400 ms; it finds nothing past ~500 ms),
+follows a drifting delay, and its suppressor handles double talk. It costs about
+0.013 core per call on this machine while it runs, so it runs only while echo
+can be present: from the first voiced reference sample until `TAIL_S` after the
+last one. Outside those stretches the caller's audio passes untouched.
+
+Alignment: the uplink and downlink run on different clocks (the phone's capture,
+our pacer) and the uplink arrives in bursts. The reference fed to the canceller
+is read with its own cursor, advanced by exactly as many samples as the uplink
+brought, so the canceller sees a steady delay; the cursor is put back `LEAD_S`
+behind the newest reference only when it drifts out of bounds (an uplink outage,
+a burst longer than the reorder wait). The canceller then sees the echo path's
+delay minus `LEAD_S`.
+
+Modes (`ECHO_GUARD`):
+
+- `on`: the canceller's output goes to the model whenever it runs;
+- `auto` (default): the same until the call shows it has no echo: after
+  `CLEAR_WINDOWS` seconds of model speech in which a caller audible above the
+  floor showed no echo, the caller's audio
+  passes untouched (the canceller keeps listening, at the same cost, and takes
+  over again the moment echo shows). Echo is "detected" when the caller's level
+  follows the model's at some delay (`echo_similarity`); that is logged once per
+  call and counted in the call's record and `/metrics`.
+- `off`: nothing runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .audio import REALTIME_RATE
+
+logger = logging.getLogger(__name__)
+
+MODES = ("auto", "on", "off")
+#: The canceller works in 10 ms blocks; uplink audio is handed over in whole blocks.
+BLOCK = REALTIME_RATE // 100
+#: Reference kept for reading (more than the longest delay the canceller can find).
+RING_S = 2.0
+#: The cursor sits this far behind the newest reference: room for uplink bursts.
+LEAD_S = 0.02
+#: ...and is put back there when it drifts this much beyond it.
+RESYNC_S = 0.15
+#: Echo may come back until this long after the last voiced reference sample (the
+#: longest delay the canceller finds plus a room's reverberation).
+TAIL_S = 0.8
+#: A reference frame quieter than this carries nothing worth cancelling.
+VOICED_DBFS = -60.0
+#: A caller's window quieter than this says nothing about echo (digital silence, or a
+#: browser's own canceller already took it all).
+FLOOR_DBFS = -55.0
+#: Envelope correlation that says echo, and below which a window says no echo.
+DETECT_SIMILARITY = 0.6
+CLEAR_SIMILARITY = 0.35
+CLEAR_WINDOWS = 3
+WINDOW_S = 1.0
+#: Envelopes judged: the last 3 s, at delays up to 0.6 s.
+ENVELOPE_S = 3.0
+MAX_DELAY_BLOCKS = int(0.6 * 100)
+MIN_OVERLAP_BLOCKS = 100
+
+
+def _energy(x: np.ndarray) -> float:
+    return float(np.dot(x, x)) if x.size else 0.0
+
+
+def _dbfs(energy: float, n: int) -> float:
+    return 10 * math.log10(max(energy / max(n, 1), 1e-3) / 32768.0 ** 2)
+
+
+@dataclass
+class EchoStats:
+    mode: str = "auto"
+    state: str = "listening"  # listening (no verdict yet), echo, clear
+    detected: bool = False
+    detected_after_s: Optional[float] = None  # seconds of model speech until echo was found
+    erle_db: list = field(default_factory=list)  # echo removed per window where echo was found
+    cancelled_ms: int = 0  # uplink audio that went to the model through the canceller
+    processed_ms: int = 0  # uplink audio the canceller ran on
+    resyncs: int = 0
+    cpu_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        erle = sorted(self.erle_db)
+        return {"mode": self.mode, "state": self.state, "detected": int(self.detected),
+                "detected_after_s": self.detected_after_s,
+                "erle_db_p50": round(erle[len(erle) // 2], 1) if erle else None,
+                "cancelled_ms": self.cancelled_ms, "processed_ms": self.processed_ms,
+                "resyncs": self.resyncs, "cpu_ms": round(self.cpu_s * 1000, 1)}
+
+
+def available() -> Optional[str]:
+    """None when the canceller can run here, else why not."""
+    try:
+        import pywebrtc_audio  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - it is in requirements.txt
+        return f"pywebrtc-audio is not installed ({exc})"
+    return None
+
+
+class EchoGuard:
+    """One call's canceller. `reference(pcm)` with every downlink frame as it goes to the
+    encoder; `process(pcm)` with the caller's audio, in order: returns what the model gets
+    (24 kHz PCM16 mono both ways; the output may hold back a partial 10 ms block)."""
+
+    def __init__(self, mode: str = "auto", *, call_id: str = "-") -> None:
+        if mode not in MODES:
+            raise ValueError(f"ECHO_GUARD must be one of {', '.join(MODES)}, not {mode!r}")
+        self.mode = mode
+        self.call_id = call_id
+        self.stats = EchoStats(mode=mode)
+        self._ring = np.zeros(int(RING_S * REALTIME_RATE), dtype=np.int16)
+        self._written = 0  # reference samples ever written
+        self._voiced_end = -1  # sample index just past the last voiced reference frame
+        self._cursor: Optional[int] = None
+        self._pending = np.zeros(0, dtype=np.int16)  # caller samples short of a whole block
+        self._aec = None
+        self._env_near: deque = deque(maxlen=int(ENVELOPE_S * 100))
+        self._env_far: deque = deque(maxlen=int(ENVELOPE_S * 100))
+        self._window_in = self._window_out = 0.0
+        self._window_n = 0
+        self._quiet_windows = 0
+        self._speech_s = 0.0  # model speech the canceller has listened through
+        self._voiced_floor = (10 ** (VOICED_DBFS / 10)) * 32768.0 ** 2
+
+    # -- the downlink ---------------------------------------------------------------
+
+    def reference(self, pcm: bytes) -> None:
+        if self.mode == "off":
+            return
+        x = np.frombuffer(pcm, dtype="<i2")
+        n = x.size
+        start = self._written % self._ring.size
+        first = min(n, self._ring.size - start)
+        self._ring[start:start + first] = x[:first]
+        self._ring[:n - first] = x[first:]
+        self._written += n
+        if n and _energy(x.astype(np.float32)) / n > self._voiced_floor:
+            self._voiced_end = self._written
+
+    # -- the uplink -----------------------------------------------------------------
+
+    def process(self, pcm: bytes) -> bytes:
+        if self.mode == "off" or (self._voiced_end < 0 and not self._pending.size):
+            return pcm  # the model has not spoken yet: nothing to cancel
+        near = np.frombuffer(pcm, dtype="<i2")
+        if self._pending.size:
+            near = np.concatenate([self._pending, near])
+        whole = near.size - near.size % BLOCK
+        self._pending = near[whole:].copy()
+        near = near[:whole]
+        if not whole:
+            return b""
+        cursor = self._align(whole)
+        self._cursor = cursor + whole
+        if self._voiced_end <= cursor - int(TAIL_S * REALTIME_RATE):
+            return near.tobytes()  # no echo can be in it
+        far = self._read(cursor, whole)
+        if self._aec is None:
+            from pywebrtc_audio import AudioProcessor
+
+            self._aec = AudioProcessor(sample_rate=REALTIME_RATE, echo_cancellation=True)
+        started = time.process_time()
+        out = self._aec.process(near, far)
+        self.stats.cpu_s += time.process_time() - started
+        ms = whole * 1000 // REALTIME_RATE
+        self.stats.processed_ms += ms
+        self._judge(near, far, out)
+        if self.mode == "on" or self.stats.state != "clear":
+            self.stats.cancelled_ms += ms
+            return out.tobytes()
+        return near.tobytes()
+
+    def _align(self, n: int) -> int:
+        """Where the reference for the next `n` caller samples starts."""
+        lead = int(LEAD_S * REALTIME_RATE)
+        home = self._written - lead - n
+        if self._cursor is None:
+            return home
+        lag = self._written - (self._cursor + n)
+        if lag < 0 or lag > lead + int(RESYNC_S * REALTIME_RATE):
+            self.stats.resyncs += 1
+            return home
+        return self._cursor
+
+    def _read(self, start: int, n: int) -> np.ndarray:
+        out = np.zeros(n, dtype=np.int16)
+        lo = max(start, self._written - self._ring.size, 0)
+        hi = min(start + n, self._written)
+        if hi > lo:
+            idx = np.arange(lo, hi) % self._ring.size
+            out[lo - start:hi - start] = self._ring[idx]
+        return out
+
+    def _judge(self, near: np.ndarray, far: np.ndarray, out: np.ndarray) -> None:
+        """Per second of model speech: is the model's voice in the caller's audio?
+
+        Not read from what the canceller removed: until its filter has converged AEC3
+        suppresses a caller with no echo at all by 10-15 dB (it cannot tell yet). The test is
+        the echo's own signature instead: the caller's level follows the model's, some
+        delay later. Amplitude envelopes (10 ms blocks) of the two are correlated at every
+        delay up to `MAX_DELAY_S`; echo correlates at 0.8-0.95, a caller talking over the
+        model or background noise below 0.3."""
+        blocks = near.size // BLOCK
+        self._env_near.extend(np.sqrt(np.mean(near[:blocks * BLOCK].astype(np.float32).reshape(blocks, BLOCK) ** 2, 1)))
+        self._env_far.extend(np.sqrt(np.mean(far[:blocks * BLOCK].astype(np.float32).reshape(blocks, BLOCK) ** 2, 1)))
+        self._window_in += _energy(near.astype(np.float32))
+        self._window_out += _energy(out.astype(np.float32))
+        self._window_n += near.size
+        if self._window_n < WINDOW_S * REALTIME_RATE:
+            return
+        e_in, e_out, n = self._window_in, self._window_out, self._window_n
+        self._window_in = self._window_out = 0.0
+        self._window_n = 0
+        self._speech_s += n / REALTIME_RATE
+        if _dbfs(e_in, n) < FLOOR_DBFS:
+            return  # nothing audible to judge by
+        similarity = echo_similarity(np.asarray(self._env_near), np.asarray(self._env_far))
+        if similarity >= DETECT_SIMILARITY:
+            removed = 10 * math.log10(max(e_in, 1.0) / max(e_out, 1.0))
+            self.stats.erle_db.append(round(removed, 1))
+            del self.stats.erle_db[:-600]
+            self._quiet_windows = 0
+            if not self.stats.detected:
+                self.stats.detected = True
+                self.stats.detected_after_s = round(self._speech_s, 1)
+                logger.info("call %s: echo of the model's voice in the caller's audio (similarity %.2f, %.0f dB "
+                            "removed, after %.1f s of model speech): echo guard engaged", self.call_id, similarity,
+                            removed, self._speech_s)
+            self.stats.state = "echo"
+        elif similarity < CLEAR_SIMILARITY and self.stats.state == "listening":
+            self._quiet_windows += 1
+            if self._quiet_windows >= CLEAR_WINDOWS:
+                self.stats.state = "clear"
+                logger.debug("call %s: no echo after %.0f s of model speech", self.call_id, self._speech_s)
+
+
+def echo_similarity(near_env: np.ndarray, far_env: np.ndarray) -> float:
+    """The best Pearson correlation of the caller's envelope with the model's, the model's
+    leading by 0 to `MAX_DELAY_S` (10 ms blocks, aligned sample for sample)."""
+    size = min(near_env.size, far_env.size)
+    near_env, far_env = near_env[-size:], far_env[-size:]
+    best = 0.0
+    for lag in range(0, min(MAX_DELAY_BLOCKS, size - MIN_OVERLAP_BLOCKS)):
+        a = near_env[lag:]
+        b = far_env[:size - lag]
+        if a.std() < 1e-6 or b.std() < 1e-6:
+            continue
+        best = max(best, float(np.corrcoef(a, b)[0, 1]))
+    return best
