@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import sys
 import tempfile
@@ -60,7 +61,7 @@ PARAGRAPHS = [
     "every half hour, and the last train leaves the city a little after midnight.",
 ]
 #: What the caller says over the model.
-PARAGRAPH_S = 20.0
+PARAGRAPH_S = 15.0
 INTERRUPTIONS = ["Wait, stop for a moment please.", "Sorry, can I ask something?", "Hold on, that is not right."]
 LOUD_DBFS = -40.0
 
@@ -123,7 +124,10 @@ async def echo_run(url: str, guard: str, minutes: float, tries: int, clips: list
     try:
         # as many paragraphs as make `minutes` of speech when nothing interrupts them (with the
         # guard off the model cuts itself off early, and speaks less)
-        for i in range(max(1, round(minutes * 60 / PARAGRAPH_S))):
+        rounds = max(1, math.ceil(minutes * 60 / PARAGRAPH_S))
+        for i in range(rounds):
+            if spoken_s >= minutes * 60:
+                break
             mic.enabled = True
             t0, t1 = await model_says(caller, PARAGRAPHS[i % len(PARAGRAPHS)])
             spoken_s += t1 - t0
@@ -139,7 +143,9 @@ async def echo_run(url: str, guard: str, minutes: float, tries: int, clips: list
             await _quiet(caller)
             print(json.dumps({"guard": guard, "model_speech_s": round(spoken_s, 1), "false_barge_ins": false_barge_ins,
                               "echoed_turns": echoed_turns}), flush=True)
-        for k in range(tries):
+        # without the guard the model cuts itself off before the caller says a word: a few
+        # tries show that, more only take time
+        for k in range(tries if guard != "off" else min(tries, 3)):
             mic.enabled = True
             caller.send_event({"type": "conversation.item.create", "item": {
                 "type": "message", "role": "user", "content": [{"type": "input_text", "text": PARAGRAPHS[k % 3]}]}})
@@ -167,11 +173,12 @@ async def echo_run(url: str, guard: str, minutes: float, tries: int, clips: list
     return {"guard": guard, "model_speech_s": round(spoken_s, 1), "false_barge_ins": false_barge_ins,
             "echoed_turns": echoed_turns, "echoed_words": len(echoed_words),
             "echoed_sample": " ".join(echoed_words[:30]),
-            "double_talk": {"tries": tries, "missed": missed, "cut_off_by_its_echo_first": cut_before,
-                            "speech_onset_to_flush_ms": pcts(flush_ms)}}
+            "double_talk": {"tries": tries if guard != "off" else min(tries, 3), "missed": missed, "cut_off_by_its_echo_first": cut_before,
+                            "speech_onset_to_flush_ms": pcts(flush_ms),
+                            "each_ms": [round(x) for x in flush_ms]}}
 
 
-async def _quiet(caller: Caller, settle_s: float = 2.0, timeout: float = 120.0) -> None:
+async def _quiet(caller: Caller, settle_s: float = 2.0, timeout: float = 30.0) -> None:
     """Until nothing has been played or said for `settle_s` (a reply to an echoed turn, its echo...)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -308,14 +315,26 @@ def no_echo(folder: Path, far: np.ndarray) -> dict:
     off, _ = _run_guard(far, near, "off")
     auto, guard = _run_guard(far, near, "auto")
 
-    def score(x: np.ndarray) -> float:
-        return float(pesq(16000, resample_poly(near, 2, 3), resample_poly(x, 2, 3), "wb"))
+    def score(x: np.ndarray, start_s: float = 0.0) -> float:
+        k = int(start_s * REALTIME_RATE)
+        return float(pesq(16000, resample_poly(near[k:], 2, 3), resample_poly(x[k:], 2, 3), "wb"))
 
     # the guard adds no delay: the output lines up with the input sample for sample
     lag = int(np.argmax(np.correlate(auto[:REALTIME_RATE * 5], near[:REALTIME_RATE * 5], "full"))) - \
         (REALTIME_RATE * 5 - 1)
+    late = slice(REALTIME_RATE * 10, REALTIME_RATE * 15)
+    lag_after = int(np.argmax(np.correlate(auto[late], near[late], "full"))) - (late.stop - late.start - 1)
+    # from where the model gets the caller's audio exactly as it came
+    same = np.flatnonzero(auto != np.clip(near[:auto.size], -32768, 32767).astype("<i2"))
+    exact_s = (int(same[-1]) + 1) / REALTIME_RATE if same.size else 0.0
+    verdict = guard.stats.cleared_after_s
     return {"pesq_wb_off": round(score(off), 3), "pesq_wb_auto": round(score(auto), 3),
-            "state": guard.stats.state, "added_latency_ms": round(lag * 1000 / REALTIME_RATE, 2)}
+            "state": guard.stats.state, "cleared_after_s": verdict,
+            "untouched_from_s": round(exact_s, 2),
+            "pesq_wb_off_after_verdict": round(score(off, exact_s), 3),
+            "pesq_wb_auto_after_verdict": round(score(auto, exact_s), 3),
+            "added_latency_ms_before_verdict": round(lag * 1000 / REALTIME_RATE, 2),
+            "added_latency_ms_after_verdict": round(lag_after * 1000 / REALTIME_RATE, 2)}
 
 
 def main() -> None:

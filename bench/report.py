@@ -239,7 +239,8 @@ def write_report(r: dict) -> Path:
         for row in rel["rows"]:
             lines.append(f"| {row['loss_pct']:.0f} | {row['path']} | {_p(row['latency_ms'])} | {row['stalls_per_min']} | {row['lost']} |")
     lines += ["", *_browser_section(r.get("browser_loss") or {"skipped": "not part of this run"})]
-    lines += ["", *admission_section(), "", *reconnect_section(), "", *cluster_section(), "", *voice_to_voice_section()]
+    lines += ["", *admission_section(), "", *reconnect_section(), "", *cluster_section(), "", *voice_to_voice_section(), "",
+              *echo_guard_section()]
     path = ROOT / "BENCHMARKS.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -505,6 +506,72 @@ def voice_to_voice_headline() -> list[str]:
     return rows
 
 
+def echo_guard_section() -> list[str]:
+    """Section 12, from bench/echo_guard.py."""
+    lines = ["## 12. Echo guard: a phone on speaker", ""]
+    r = _result("echo_guard")
+    if r is None:
+        return lines + ["Not measured yet: run `python bench/echo_guard.py`."]
+    e = r["echo"]
+    lines += [f"An aiortc caller whose microphone hears what it plays {e['delay_ms']:g} ms later at {e['gain_db']:g} dB "
+              f"through a simulated room ({e['room']}) with noise at {e['noise_dbfs']} dBFS, against the embedded local "
+              "backend (its VAD decides barge-in). The model speaks long replies while the caller is silent; then the "
+              "caller talks over it at a random point (speech onset → `output_audio_buffer.cleared`).", "",
+              "| ECHO_GUARD | model speech | false barge-ins | echoed turns / words | double talk: onset → flushed p50 / p95 / max | missed | cut off by its echo first |",
+              "|---|---|---|---|---|---|---|"]
+    for x in r["end_to_end"]:
+        d = x["double_talk"]
+        f = d["speech_onset_to_flush_ms"]
+        lines.append(f"| {x['guard']} | {x['model_speech_s']} s | {x['false_barge_ins']} | {x['echoed_turns']} / "
+                     f"{x['echoed_words']} | {f['p50']} / {f['p95']} / {f['max']} ms | {d['missed']} of {d['tries']} | "
+                     f"{d['cut_off_by_its_echo_first']} |")
+    c = r.get("canceller")
+    if c:
+        lines += ["", "The canceller alone (`media/echo.py` fed 20 ms at a time as a call feeds it; two Piper paragraphs "
+                  "as the model, the same room): echo return loss enhancement after the first 2 s, time from the first "
+                  "model audio until it holds 20 dB, CPU while it runs.", "",
+                  "| delay | echo level | ERLE p50 | converged after | CPU |", "|---|---|---|---|---|"]
+        for x in c["erle"]:
+            lines.append(f"| {x['delay_ms']} ms | {x['gain_db']} dB | {x['erle_db_p50']} dB | {x['converged_s']} s | "
+                         f"{x['cpu_core']} core |")
+        j, d, n = c["delay_jump"], c["drift"], c["no_echo"]
+        lines += ["", f"- Delay jump {j['delay_ms']} ms: 20 dB again after {j['reconverged_s']} s; ERLE p50 "
+                  f"{j['erle_db_p50_after']} dB after.",
+                  f"- Drifting delay {d['delay_ms']}: ERLE p50 {d['erle_db_p50']} dB.",
+                  f"- No echo, the caller talking over the model all along (the worst case: a caller mostly talks "
+                  f"while the model is silent, when nothing runs): PESQ-WB of what the model gets {n['pesq_wb_auto']} "
+                  f"with `auto` against {n['pesq_wb_off']} with `off` over the whole clip; the call showed no echo after "
+                  f"{n['cleared_after_s']} s of model speech; from {n['untouched_from_s']} s on the audio is the caller's bit "
+                  f"for bit: {n['pesq_wb_auto_after_verdict']} against {n['pesq_wb_off_after_verdict']}, added latency "
+                  f"{n['added_latency_ms_after_verdict']} ms ({n['added_latency_ms_before_verdict']} ms before the "
+                  "verdict: the canceller's own delay). Before the verdict AEC3 is still in its cautious start and "
+                  "turns a caller it cannot yet tell from echo down by 10-15 dB."]
+    lines += ["", f"- `{r['command']}` on {r['date']}."]
+    return lines
+
+
+def echo_guard_headline() -> list[str]:
+    r = _result("echo_guard")
+    if r is None:
+        return []
+    by = {x["guard"]: x for x in r["end_to_end"]}
+    on, off = by.get("auto"), by.get("off")
+    if not on:
+        return []
+    f = on["double_talk"]["speech_onset_to_flush_ms"]
+    e = r["echo"]
+    row = (f"Echo guard (`bench/echo_guard.py`, BENCHMARKS.md §12, {r['date']}): a caller whose microphone hears its "
+           f"speaker {e['delay_ms']:g} ms later at {e['gain_db']:g} dB in a reverberant room; over {on['model_speech_s']} s "
+           f"of model speech, **{on['false_barge_ins']} false barge-ins and {on['echoed_words']} echoed words** with "
+           f"`ECHO_GUARD=auto`")
+    if off:
+        row += (f" (`off`: the model cut itself off {off['false_barge_ins']} times in {off['model_speech_s']} s of "
+                f"speech, {off['echoed_turns']} turns of its own words)")
+    row += (f"; the caller talking over the model still stops it: speech onset → audio flushed {f['p50']} ms p50 "
+            f"({f['p95']} ms p95), {on['double_talk']['missed']} of {on['double_talk']['tries']} missed.")
+    return [row]
+
+
 def admission_headline() -> list[str]:
     a = _result("admission")
     if a is None:
@@ -558,6 +625,9 @@ def update_readme(r: dict) -> None:
     v2v = voice_to_voice_headline()
     if v2v:
         rows += ["", *v2v]
+    echo = echo_guard_headline()
+    if echo:
+        rows += ["", *echo]
     admission = admission_headline()
     if admission:
         rows += ["", *admission]

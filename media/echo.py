@@ -69,8 +69,10 @@ VOICED_DBFS = -60.0
 #: browser's own canceller already took it all).
 FLOOR_DBFS = -55.0
 #: Envelope correlation that says echo, and below which a window says no echo.
-DETECT_SIMILARITY = 0.6
-CLEAR_SIMILARITY = 0.35
+#: (Echo alone correlates at 0.86-0.98 at one steady delay; a caller talking over the
+#: model without any echo reached 0.61 at wandering delays, in bench/echo_guard.py's speech.)
+DETECT_SIMILARITY = 0.8
+CLEAR_SIMILARITY = 0.65
 CLEAR_WINDOWS = 3
 WINDOW_S = 1.0
 #: Envelopes judged: the last 3 s, at delays up to 0.6 s.
@@ -93,6 +95,7 @@ class EchoStats:
     state: str = "listening"  # listening (no verdict yet), echo, clear
     detected: bool = False
     detected_after_s: Optional[float] = None  # seconds of model speech until echo was found
+    cleared_after_s: Optional[float] = None  # ... until the call showed it has none
     erle_db: list = field(default_factory=list)  # echo removed per window where echo was found
     cancelled_ms: int = 0  # uplink audio that went to the model through the canceller
     processed_ms: int = 0  # uplink audio the canceller ran on
@@ -102,10 +105,31 @@ class EchoStats:
     def as_dict(self) -> dict:
         erle = sorted(self.erle_db)
         return {"mode": self.mode, "state": self.state, "detected": int(self.detected),
-                "detected_after_s": self.detected_after_s,
+                "detected_after_s": self.detected_after_s, "cleared_after_s": self.cleared_after_s,
                 "erle_db_p50": round(erle[len(erle) // 2], 1) if erle else None,
                 "cancelled_ms": self.cancelled_ms, "processed_ms": self.processed_ms,
                 "resyncs": self.resyncs, "cpu_ms": round(self.cpu_s * 1000, 1)}
+
+
+_latency: Optional[int] = None
+
+
+def aec_latency() -> int:
+    """Samples the canceller's output lags its input (224 at 24 kHz: AEC3's band split and
+    the resampling to its internal rate), measured once with a burst of noise."""
+    global _latency
+    if _latency is None:
+        from pywebrtc_audio import AudioProcessor
+
+        ap = AudioProcessor(sample_rate=REALTIME_RATE, echo_cancellation=True)
+        burst = np.zeros(REALTIME_RATE // 2, dtype=np.int16)
+        burst[REALTIME_RATE // 5:REALTIME_RATE // 5 + 2400] = \
+            (np.random.default_rng(0).standard_normal(2400) * 3000).astype(np.int16)
+        silent = np.zeros_like(burst)
+        out = np.concatenate([ap.process(burst[i:i + 480], silent[i:i + 480]) for i in range(0, burst.size, 480)])
+        corr = np.correlate(out.astype(np.float32), burst.astype(np.float32), "full")
+        _latency = max(0, int(np.argmax(corr)) - (burst.size - 1))
+    return _latency
 
 
 def available() -> Optional[str]:
@@ -134,6 +158,9 @@ class EchoGuard:
         self._cursor: Optional[int] = None
         self._pending = np.zeros(0, dtype=np.int16)  # caller samples short of a whole block
         self._aec = None
+        self._ran = False  # the canceller ran on the previous caller audio
+        self._delayed = False  # what the model gets runs the canceller's delay behind the caller
+        self._tail = np.zeros(0, dtype=np.int16)  # the caller's last samples, that many
         self._env_near: deque = deque(maxlen=int(ENVELOPE_S * 100))
         self._env_far: deque = deque(maxlen=int(ENVELOPE_S * 100))
         self._window_in = self._window_out = 0.0
@@ -172,23 +199,43 @@ class EchoGuard:
             return b""
         cursor = self._align(whole)
         self._cursor = cursor + whole
+        tail = self._tail
+        self._tail = np.concatenate([tail, near])[-tail.size:] if tail.size else tail
         if self._voiced_end <= cursor - int(TAIL_S * REALTIME_RATE):
-            return near.tobytes()  # no echo can be in it
+            self._ran = False
+            return self._raw(near, tail)  # no echo can be in it
         far = self._read(cursor, whole)
         if self._aec is None:
             from pywebrtc_audio import AudioProcessor
 
             self._aec = AudioProcessor(sample_rate=REALTIME_RATE, echo_cancellation=True)
+            self._tail = np.zeros(aec_latency(), dtype=np.int16)  # the canceller's own delay
+            self._tail[-min(near.size, self._tail.size):] = near[-self._tail.size:]
         started = time.process_time()
         out = self._aec.process(near, far)
         self.stats.cpu_s += time.process_time() - started
         ms = whole * 1000 // REALTIME_RATE
         self.stats.processed_ms += ms
         self._judge(near, far, out)
-        if self.mode == "on" or self.stats.state != "clear":
-            self.stats.cancelled_ms += ms
-            return out.tobytes()
-        return near.tobytes()
+        resumed, self._ran = not self._ran, True
+        if self.mode == "auto" and self.stats.state == "clear":
+            return self._raw(near, tail)
+        self.stats.cancelled_ms += ms
+        if resumed and self._delayed and tail.size and whole >= tail.size:
+            # The canceller's first samples are what it held when it last stopped: those went
+            # out unprocessed through the delay line; the same delay continues from it.
+            out = np.concatenate([tail, out[tail.size:]])
+        self._delayed = True
+        return out.tobytes()
+
+    def _raw(self, near: np.ndarray, tail: np.ndarray) -> bytes:
+        """The caller's audio as it came: behind the canceller's delay while its output is what
+        the model gets (no seam when it stops and starts), at once when the call is clear."""
+        if self._delayed and self.mode == "auto" and self.stats.state == "clear":
+            self._delayed = False  # back to no delay: the delay line's few ms go, once per call
+        if not self._delayed or not tail.size:
+            return near.tobytes()
+        return np.concatenate([tail, near])[:near.size].tobytes()
 
     def _align(self, n: int) -> int:
         """Where the reference for the next `n` caller samples starts."""
@@ -218,8 +265,7 @@ class EchoGuard:
         suppresses a caller with no echo at all by 10-15 dB (it cannot tell yet). The test is
         the echo's own signature instead: the caller's level follows the model's, some
         delay later. Amplitude envelopes (10 ms blocks) of the two are correlated at every
-        delay up to `MAX_DELAY_S`; echo correlates at 0.8-0.95, a caller talking over the
-        model or background noise below 0.3."""
+        delay up to 0.6 s."""
         blocks = near.size // BLOCK
         self._env_near.extend(np.sqrt(np.mean(near[:blocks * BLOCK].astype(np.float32).reshape(blocks, BLOCK) ** 2, 1)))
         self._env_far.extend(np.sqrt(np.mean(far[:blocks * BLOCK].astype(np.float32).reshape(blocks, BLOCK) ** 2, 1)))
@@ -251,6 +297,7 @@ class EchoGuard:
             self._quiet_windows += 1
             if self._quiet_windows >= CLEAR_WINDOWS:
                 self.stats.state = "clear"
+                self.stats.cleared_after_s = round(self._speech_s, 1)
                 logger.debug("call %s: no echo after %.0f s of model speech", self.call_id, self._speech_s)
 
 

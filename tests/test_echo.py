@@ -175,3 +175,23 @@ async def test_a_phone_on_speaker_does_not_interrupt_the_model_but_its_caller_st
             await caller.hangup()
             await caller.close()
         await local.cleanup()
+
+
+def test_the_timeline_has_no_seam_where_the_canceller_stops_and_starts(far):
+    """While the canceller's output is what the model gets, the caller's audio runs its
+    delay behind; when the model falls silent the audio goes on through a delay line of the
+    same length, so not a sample is lost or repeated, and it starts again seamlessly."""
+    from media.echo import TAIL_S, aec_latency
+
+    lat = aec_latency()
+    assert 0 < lat < REALTIME_RATE // 50
+    rng = np.random.default_rng(9)
+    near = (rng.standard_normal(far.size) * 1000).astype(np.int16).astype(np.float32)
+    model = far.copy()
+    gap = slice(int(3 * REALTIME_RATE), int(6 * REALTIME_RATE))
+    model[gap] = 0  # the model is silent for 3 s in the middle
+    guard = EchoGuard("on")
+    out = run(guard, model, near)
+    quiet = range(gap.start + int(TAIL_S * REALTIME_RATE) + FRAME, gap.stop - FRAME)
+    assert np.array_equal(out[quiet.start:quiet.stop], near[quiet.start - lat:quiet.stop - lat])
+    assert out.size == near.size - near.size % FRAME  # nothing held back, nothing added
