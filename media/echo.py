@@ -27,8 +27,8 @@ Modes (`ECHO_GUARD`):
 
 - `on`: the canceller's output goes to the model whenever it runs;
 - `auto` (default): the same until the call shows it has no echo: after
-  `CLEAR_WINDOWS` seconds of model speech in which a caller audible above the
-  floor showed no echo, the caller's audio
+  `CLEAR_WINDOWS` seconds of model speech in which the caller showed no echo
+  (audible without the model's envelope in it, or quiet while the model was loud), the caller's audio
   passes untouched (the canceller keeps listening, at the same cost, and takes
   over again the moment echo shows). Echo is "detected" when the caller's level
   follows the model's at some delay (`echo_similarity`); that is logged once per
@@ -68,6 +68,8 @@ VOICED_DBFS = -60.0
 #: A caller's window quieter than this says nothing about echo (digital silence, or a
 #: browser's own canceller already took it all).
 FLOOR_DBFS = -55.0
+#: ...unless the model was this loud meanwhile: then its echo would have been above the floor.
+AUDIBLE_MODEL_DBFS = -40.0
 #: Envelope correlation that says echo, and below which a window says no echo.
 #: (Echo alone correlates at 0.86-0.98 at one steady delay; a caller talking over the
 #: model without any echo reached 0.61 at wandering delays, in bench/echo_guard.py's speech.)
@@ -163,7 +165,7 @@ class EchoGuard:
         self._tail = np.zeros(0, dtype=np.int16)  # the caller's last samples, that many
         self._env_near: deque = deque(maxlen=int(ENVELOPE_S * 100))
         self._env_far: deque = deque(maxlen=int(ENVELOPE_S * 100))
-        self._window_in = self._window_out = 0.0
+        self._window_in = self._window_out = self._window_far = 0.0
         self._window_n = 0
         self._quiet_windows = 0
         self._speech_s = 0.0  # model speech the canceller has listened through
@@ -228,6 +230,12 @@ class EchoGuard:
         self._delayed = True
         return out.tobytes()
 
+    def close(self) -> None:
+        """The call ended: the canceller's state goes now, not at the next collection."""
+        self._aec = None
+        self._ring = np.zeros(0, dtype=np.int16)
+        self.mode = "off"
+
     def _raw(self, near: np.ndarray, tail: np.ndarray) -> bytes:
         """The caller's audio as it came: behind the canceller's delay while its output is what
         the model gets (no seam when it stops and starts), at once when the call is clear."""
@@ -269,17 +277,22 @@ class EchoGuard:
         blocks = near.size // BLOCK
         self._env_near.extend(np.sqrt(np.mean(near[:blocks * BLOCK].astype(np.float32).reshape(blocks, BLOCK) ** 2, 1)))
         self._env_far.extend(np.sqrt(np.mean(far[:blocks * BLOCK].astype(np.float32).reshape(blocks, BLOCK) ** 2, 1)))
+        self._window_far += _energy(far.astype(np.float32))
         self._window_in += _energy(near.astype(np.float32))
         self._window_out += _energy(out.astype(np.float32))
         self._window_n += near.size
         if self._window_n < WINDOW_S * REALTIME_RATE:
             return
-        e_in, e_out, n = self._window_in, self._window_out, self._window_n
-        self._window_in = self._window_out = 0.0
+        e_in, e_out, e_far, n = self._window_in, self._window_out, self._window_far, self._window_n
+        self._window_in = self._window_out = self._window_far = 0.0
         self._window_n = 0
         self._speech_s += n / REALTIME_RATE
         if _dbfs(e_in, n) < FLOOR_DBFS:
-            return  # nothing audible to judge by
+            # The caller is quiet while the model speaks up: no echo worth the name comes back
+            # (a browser's own canceller took it, or headphones); a quiet model says nothing.
+            if _dbfs(e_far, n) >= AUDIBLE_MODEL_DBFS:
+                self._no_echo_window()
+            return
         similarity = echo_similarity(np.asarray(self._env_near), np.asarray(self._env_far))
         if similarity >= DETECT_SIMILARITY:
             removed = 10 * math.log10(max(e_in, 1.0) / max(e_out, 1.0))
@@ -293,12 +306,17 @@ class EchoGuard:
                             "removed, after %.1f s of model speech): echo guard engaged", self.call_id, similarity,
                             removed, self._speech_s)
             self.stats.state = "echo"
-        elif similarity < CLEAR_SIMILARITY and self.stats.state == "listening":
-            self._quiet_windows += 1
-            if self._quiet_windows >= CLEAR_WINDOWS:
-                self.stats.state = "clear"
-                self.stats.cleared_after_s = round(self._speech_s, 1)
-                logger.debug("call %s: no echo after %.0f s of model speech", self.call_id, self._speech_s)
+        elif similarity < CLEAR_SIMILARITY:
+            self._no_echo_window()
+
+    def _no_echo_window(self) -> None:
+        if self.stats.state != "listening":
+            return
+        self._quiet_windows += 1
+        if self._quiet_windows >= CLEAR_WINDOWS:
+            self.stats.state = "clear"
+            self.stats.cleared_after_s = round(self._speech_s, 1)
+            logger.debug("call %s: no echo after %.0f s of model speech", self.call_id, self._speech_s)
 
 
 def echo_similarity(near_env: np.ndarray, far_env: np.ndarray) -> float:

@@ -31,9 +31,9 @@ from aiortc.rtcdatachannel import RTCDataChannel
 from control.records import CallRecord
 from media import downlink, ice, jitter, negotiate
 from media.downlink import OpusPacker
+from media.echo import EchoGuard
 from media.mic import MicPump, MicTimeout
 from media.playback import PlaybackTrack, Upsampler, pcm_frame
-from media.echo import EchoGuard
 from media.uplink import UplinkDecoder
 from settings import Settings
 
@@ -418,6 +418,7 @@ class Call:
             self.pc.remove_all_listeners()
             self.playback.on_started = self.playback.on_stopped = None
             self.playback.pcm_taps.clear()
+            self.echo.close()
             if self.channel is not None:
                 self.channel.remove_all_listeners()
         finally:

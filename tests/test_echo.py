@@ -195,3 +195,15 @@ def test_the_timeline_has_no_seam_where_the_canceller_stops_and_starts(far):
     quiet = range(gap.start + int(TAIL_S * REALTIME_RATE) + FRAME, gap.stop - FRAME)
     assert np.array_equal(out[quiet.start:quiet.stop], near[quiet.start - lat:quiet.stop - lat])
     assert out.size == near.size - near.size % FRAME  # nothing held back, nothing added
+
+
+def test_a_caller_quiet_while_the_model_speaks_has_no_echo(far):
+    """A browser whose own canceller works sends near silence while the model talks: that is
+    the proof of no echo, and the guard stands aside (no delay, no processing)."""
+    quiet = np.random.default_rng(5).standard_normal(far.size).astype(np.float32) * 20  # -64 dBFS
+    guard = EchoGuard("auto")
+    out = run(guard, far, quiet)
+    assert guard.stats.state == "clear" and not guard.stats.detected
+    assert guard.stats.cleared_after_s is not None and guard.stats.cleared_after_s <= 4.0
+    tail = slice(int(6 * REALTIME_RATE), out.size)
+    assert np.array_equal(out[tail], np.clip(quiet, -32768, 32767).astype("<i2")[tail].astype(np.float32))
