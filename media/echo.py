@@ -274,11 +274,13 @@ class EchoGuard:
         the echo's own signature instead: the caller's level follows the model's, some
         delay later. Amplitude envelopes (10 ms blocks) of the two are correlated at every
         delay up to 0.6 s."""
-        blocks = near.size // BLOCK
-        self._env_near.extend(np.sqrt(np.mean(near[:blocks * BLOCK].astype(np.float32).reshape(blocks, BLOCK) ** 2, 1)))
-        self._env_far.extend(np.sqrt(np.mean(far[:blocks * BLOCK].astype(np.float32).reshape(blocks, BLOCK) ** 2, 1)))
-        self._window_far += _energy(far.astype(np.float32))
-        self._window_in += _energy(near.astype(np.float32))
+        # (near, far and out are whole 10 ms blocks: process() hands over nothing else)
+        near_sq = np.square(near.astype(np.float32)).reshape(-1, BLOCK).sum(1)
+        far_sq = np.square(far.astype(np.float32)).reshape(-1, BLOCK).sum(1)
+        self._env_near.extend(np.sqrt(near_sq / BLOCK))
+        self._env_far.extend(np.sqrt(far_sq / BLOCK))
+        self._window_far += float(far_sq.sum())
+        self._window_in += float(near_sq.sum())
         self._window_out += _energy(out.astype(np.float32))
         self._window_n += near.size
         if self._window_n < WINDOW_S * REALTIME_RATE:
