@@ -43,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ONE_ADDRESS, free_port, pcts, start_process, wait_http, write_result  # noqa: E402
-from harness.caller import FRAME_48K, Caller  # noqa: E402
+from harness.caller import Caller  # noqa: E402
 from harness.echo import EchoingMic, room_rir  # noqa: E402
 from harness.speech import read_pcm, speech_wav  # noqa: E402
 from media.audio import REALTIME_RATE, RTP_RATE  # noqa: E402
@@ -66,24 +66,11 @@ INTERRUPTIONS = ["Wait, stop for a moment please.", "Sorry, can I ask something?
 LOUD_DBFS = -40.0
 
 
-class Speaker:
-    """The caller: an echoing microphone, with the time its queued speech starts to sound."""
-
-    def __init__(self, mic: EchoingMic) -> None:
-        self.mic = mic
-
-    def say(self, pcm: bytes) -> float:
-        """Queue `pcm` (48 kHz); returns the monotonic time its first loud sample is captured."""
-        x = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
-        loud = np.flatnonzero(np.abs(x) > 10 ** (LOUD_DBFS / 20))
-        first = int(loud[0]) if loud.size else 0
-        # the next frame the source sends is frame mic._n; a frame is handed over when its last
-        # sample is captured: sample k of the queue is captured at start + (n + k/960) * 20 ms
-        start = self.mic._start or time.monotonic()
-        queued = len(self.mic._queued) // 2
-        n = self.mic._n
-        self.mic.play(pcm)
-        return start + (n + (queued + first) / FRAME_48K) * 0.02
+def say(mic: EchoingMic, pcm: bytes) -> float:
+    """The caller says `pcm` (48 kHz); returns the monotonic time its first loud sample is captured."""
+    x = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
+    loud = np.flatnonzero(np.abs(x) > 10 ** (LOUD_DBFS / 20))
+    return mic.play(pcm) + (int(loud[0]) if loud.size else 0) / RTP_RATE
 
 
 def _since(caller: Caller, kind: str, t0: float, t1: float = float("inf")) -> list[tuple[float, dict]]:
@@ -112,7 +99,6 @@ async def echo_run(url: str, guard: str, minutes: float, tries: int, clips: list
                    gain_db: float, rng: random.Random) -> dict:
     mic = EchoingMic(delay_ms=delay_ms, gain_db=gain_db, rir=room_rir(), noise_dbfs=-60.0)
     caller = Caller(url, source=mic, on_frame=mic.hear)
-    speaker = Speaker(mic)
     await caller.connect()
     await caller.wait_event("session.updated", timeout=30)
     await asyncio.sleep(1.0)
@@ -153,7 +139,7 @@ async def echo_run(url: str, guard: str, minutes: float, tries: int, clips: list
             started = await caller.next_event("output_audio_buffer.started", 60)
             t_start = caller.event_times[caller.events.index(started)]
             await asyncio.sleep(rng.uniform(2.0, 8.0))
-            onset = speaker.say(clips[k % len(clips)])
+            onset = say(mic, clips[k % len(clips)])
             deadline = time.monotonic() + 5.0
             cleared = []
             while time.monotonic() < deadline and not cleared:

@@ -11,6 +11,7 @@ as a phone's playout and capture buffers do. Pass `mic.hear` as the `Caller`'s
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 from typing import Optional
 
@@ -54,12 +55,15 @@ class EchoingMic(PacedSource):
         self._rng = np.random.default_rng(seed)
         self._line = np.zeros(_RING, dtype=np.float32)
         self._queued = bytearray()
-        self._heard = 0  # frames heard
-        self.echo_energy = 0.0  # what the echo put into the microphone (sum of squares)
 
-    def play(self, pcm48: bytes) -> None:
-        """Speech the caller says (48 kHz mono PCM16)."""
+    def play(self, pcm48: bytes) -> float:
+        """Speech the caller says (48 kHz mono PCM16), after what is queued already; returns
+        the monotonic time its first sample is captured (a frame is handed over when its last
+        sample is captured, frame n at start + n x 20 ms)."""
+        start = self._start if self._start is not None else time.monotonic()
+        at = start + (self._n + len(self._queued) / 2 / FRAME_48K) * 0.02
         self._queued += pcm48
+        return at
 
     def mute(self) -> None:
         """The loudspeaker goes off (what is already on its way through the room is dropped)."""
@@ -83,13 +87,11 @@ class EchoingMic(PacedSource):
         at = self._n * FRAME_48K + int(delay * RTP_RATE / 1000)
         idx = (at + np.arange(y.size)) % _RING
         self._line[idx] += y  # (the indices are distinct: y is far shorter than the line)
-        self._heard += 1
 
     def samples(self, n: int) -> np.ndarray:
         idx = (n * FRAME_48K + np.arange(FRAME_48K)) % _RING
         echo = self._line[idx].copy()
         self._line[idx] = 0.0
-        self.echo_energy += float(np.dot(echo, echo))
         out = echo
         if self._queued:
             chunk = bytes(self._queued[:FRAME_48K * 2]).ljust(FRAME_48K * 2, b"\0")
@@ -98,7 +100,3 @@ class EchoingMic(PacedSource):
         if self._noise:
             out = out + self._rng.standard_normal(FRAME_48K).astype(np.float32) * self._noise
         return np.clip(out, -32768, 32767).astype("<i2")
-
-    @property
-    def speaking(self) -> bool:
-        return bool(self._queued)

@@ -47,7 +47,7 @@ from typing import Optional
 
 import numpy as np
 
-from .audio import REALTIME_RATE
+from .audio import REALTIME_RATE, rms_dbfs
 
 logger = logging.getLogger(__name__)
 
@@ -134,15 +134,6 @@ def aec_latency() -> int:
     return _latency
 
 
-def available() -> Optional[str]:
-    """None when the canceller can run here, else why not."""
-    try:
-        import pywebrtc_audio  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - it is in requirements.txt
-        return f"pywebrtc-audio is not installed ({exc})"
-    return None
-
-
 class EchoGuard:
     """One call's canceller. `reference(pcm)` with every downlink frame as it goes to the
     encoder; `process(pcm)` with the caller's audio, in order: returns what the model gets
@@ -169,7 +160,6 @@ class EchoGuard:
         self._window_n = 0
         self._quiet_windows = 0
         self._speech_s = 0.0  # model speech the canceller has listened through
-        self._voiced_floor = (10 ** (VOICED_DBFS / 10)) * 32768.0 ** 2
 
     # -- the downlink ---------------------------------------------------------------
 
@@ -183,7 +173,7 @@ class EchoGuard:
         self._ring[start:start + first] = x[:first]
         self._ring[:n - first] = x[first:]
         self._written += n
-        if n and _energy(x.astype(np.float32)) / n > self._voiced_floor:
+        if rms_dbfs(pcm) > VOICED_DBFS:
             self._voiced_end = self._written
 
     # -- the uplink -----------------------------------------------------------------
