@@ -108,8 +108,9 @@ class Caller:
         self._event_waiters: list[tuple[str, asyncio.Future]] = []
 
     async def connect(self, path: str = "/v1/realtime/calls", *, answer_delay: float = 0.0,
-                      headers: Optional[dict[str, str]] = None) -> None:
-        """Offer, and apply the answer (after `answer_delay` s: a peer slow to connect)."""
+                      headers: Optional[dict[str, str]] = None, offer_filter=None) -> None:
+        """Offer, and apply the answer (after `answer_delay` s: a peer slow to connect).
+        `offer_filter(sdp) -> sdp` changes the offer on its way (a browser's habits)."""
         self.pc.addTrack(self.source)
         self.channel = self.pc.createDataChannel("oai-events")
         self.channel.on("open", self.channel_open.set)
@@ -117,7 +118,8 @@ class Caller:
         self.pc.on("track", self._on_track)
         await self.pc.setLocalDescription(await self.pc.createOffer())
         async with aiohttp.ClientSession() as http:
-            async with http.post(self.base_url + path, data=self.pc.localDescription.sdp,
+            offer = self.pc.localDescription.sdp
+            async with http.post(self.base_url + path, data=offer_filter(offer) if offer_filter else offer,
                                  headers={"Content-Type": "application/sdp", **(headers or {})}) as resp:
                 body = await resp.text()
                 if resp.status not in (200, 201):  # 200: a re-attach

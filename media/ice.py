@@ -38,6 +38,8 @@ import aioice.ice
 import ifaddr
 from aioice.candidate import Candidate, candidate_foundation, candidate_priority
 
+from media import ice_mdns
+
 
 class PortsExhausted(OSError):
     pass
@@ -204,4 +206,5 @@ def install() -> None:
     aioice.ice.get_host_addresses = _get_host_addresses
     aioice.ice.Connection.get_component_candidates = _get_component_candidates
     aioice.ice.asyncio = _asyncio_for_aioice
+    ice_mdns.install()  # browsers whose candidates are all mDNS names connect peer-reflexively
     _installed = True

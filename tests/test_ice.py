@@ -76,3 +76,30 @@ async def test_a_public_ip_is_advertised_with_each_host_candidate_s_port(stub, s
 def test_bad_ice_settings_stop_start_up_with_one_line(raw, message):
     with pytest.raises(config.ConfigError, match=message):
         config.from_raw(raw)
+
+
+def _hide_addresses(sdp: str) -> str:
+    """What Firefox (by default) and Chromium (before a media permission) offer: every host
+    candidate named by an mDNS `<uuid>.local` name the server cannot resolve."""
+    import re
+    import uuid
+
+    names: dict[str, str] = {}
+    return re.sub(r"^(a=candidate:\S+ \d+ \S+ \d+ )(\S+)", lambda m: m.group(1) + names.setdefault(
+        m.group(2), f"{uuid.uuid4()}.local"), sdp, flags=re.M)
+
+
+async def test_a_caller_whose_candidates_are_all_mdns_names_connects_peer_reflexively(stub, start_bridge, new_caller):
+    bridge = await start_bridge(stub.url)
+    caller = new_caller(bridge.url)
+    caller.source.freq = 440
+    await caller.connect(offer_filter=_hide_addresses)
+    answer = _candidates(caller.pc.remoteDescription.sdp)
+    assert answer and all(not c["host"].endswith(".local") for c in answer)  # somewhere to send checks to
+    await asyncio.wait_for(caller.channel_open.wait(), 10)
+    await eventually(lambda: stub.sessions and len(stub.sessions[0].audio) > 9600, 10, "the caller's audio upstream")
+    call = next(iter(bridge.registry.calls.values()))
+    remote = call.pc.getTransceivers()[0].receiver.transport.transport.getRemoteCandidates()
+    assert [c.type for c in remote] == ["prflx"]  # learned from the caller's own checks
+    assert await caller.hangup() == 200
+    await bridge.wait_no_calls()
