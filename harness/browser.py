@@ -1,11 +1,17 @@
-"""Headless Chromium (Debian's) as a real caller: a fake microphone from a WAV file,
-driven by Playwright with `executable_path` (never `playwright install`)."""
+"""Real browsers as callers: headless Chromium (Debian's) driven by Playwright with
+`executable_path` (never `playwright install`), a WAV file as its microphone; headless
+Firefox (Debian's firefox-esr) driven over WebDriver BiDi (`harness.firefox`), the same
+WAV played into a private PulseAudio microphone. `open_browser(name, …)` gives either one,
+and the pages they open answer the same calls (`goto`, `click`, `evaluate`,
+`wait_for_function`, `close`), so one test body runs in both."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Optional
+from typing import AsyncIterator, Optional
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -41,6 +47,61 @@ async def launch(playwright, mic_wav: Path, *, link=None, origin: Optional[str] 
     executable = link.wrap(CHROMIUM) if link is not None else CHROMIUM
     return await playwright.chromium.launch(executable_path=executable, headless=True,
                                             args=chromium_args(mic_wav, secure_origin=origin))
+
+
+#: The browsers the browser tests run in.
+BROWSERS = ("chromium", "firefox")
+
+
+def unavailable(name: str) -> Optional[str]:
+    """None when browser `name` can be driven on this machine, else why not."""
+    if name == "chromium":
+        return None if shutil.which("chromium") else "needs Debian's chromium (./test.sh installs it)"
+    from harness import firefox, pulse
+    return firefox.available() or pulse.available()
+
+
+@asynccontextmanager
+async def open_browser(name: str, mic_wav: Path, *, link=None, origin: Optional[str] = None,
+                       pulse=None) -> AsyncIterator:
+    """Browser `name` with `mic_wav` as its microphone (from when a page opens it, looped),
+    inside `link`'s namespace if given. For Firefox, `pulse` may be a started
+    `harness.pulse.PulseAudio` to use (to loop its speaker back into its microphone)."""
+    if name == "chromium":
+        from playwright.async_api import async_playwright
+
+        async with async_playwright() as p:
+            browser = await launch(p, mic_wav, link=link, origin=origin)
+            try:
+                yield browser
+            finally:
+                await browser.close()
+        return
+    from harness.firefox import Firefox
+    from harness.pulse import PulseAudio
+
+    own = pulse is None
+    pulse = pulse or PulseAudio().start()
+    try:
+        pulse.loop(mic_wav)
+        firefox = Firefox(prefs={"media.navigator.streams.fake": False}, env=pulse.env, link=link)
+        await firefox.start()
+        try:
+            yield firefox
+        finally:
+            await firefox.close()
+    finally:
+        if own:
+            pulse.stop()
+
+
+def caption_js(role: str, text: str) -> str:
+    """A page expression: a finished caption of `role` contains `text` (case-insensitive)."""
+    return (f"() => [...document.querySelectorAll('.caption.{role}:not(.partial)')]"
+            f".some((e) => e.innerText.toLowerCase().includes({json.dumps(text.lower())}))")
+
+
+CAPTIONS_JS = "() => [...document.querySelectorAll('.caption')].map((e) => [e.dataset.role, e.innerText])"
 
 
 async def start_call(browser, url: str, timeout_s: float = 15.0):

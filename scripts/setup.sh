@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the project needs; safe to run again (skips what is already there).
 #   scripts/setup.sh          runtime: espeak-ng + .venv with requirements.txt
-#   scripts/setup.sh --dev    also chromium, sox, nftables, coturn, redis-server, postgresql and requirements-dev.txt (tests, benchmarks)
+#   scripts/setup.sh --dev    also chromium, firefox-esr, pulseaudio, sox, nftables, coturn, redis-server, postgresql and requirements-dev.txt (tests, benchmarks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,7 +9,7 @@ dev=0
 [ "${1:-}" = "--dev" ] && dev=1
 
 debs=(espeak-ng)
-[ $dev = 1 ] && debs+=(chromium sox nftables iproute2 coturn redis-server postgresql)
+[ $dev = 1 ] && debs+=(chromium firefox-esr pulseaudio pulseaudio-utils sox nftables iproute2 coturn redis-server postgresql)
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -1,4 +1,4 @@
-"""Browser end-to-end under real packet loss: Chromium in its own network namespace,
+"""Browser end-to-end under real packet loss: Chromium (and Firefox) in its own network namespace,
 nftables dropping 10 % of the UDP packets each way, the real page, the real bridge.
 
 It checks what the issue of loss is about, as the browser and the model see it:
@@ -74,3 +74,41 @@ async def test_through_10_percent_loss_each_way_red_and_fec_are_sent_and_no_hole
     assert inbound["fecPacketsReceived"] > 0
     assert inbound["concealedSamples"] / inbound["totalSamplesReceived"] < 0.03, inbound
     assert call.packer.stats.loss_percent >= 5  # FEC sized from the browser's reports
+
+
+async def test_firefox_through_10_percent_loss_each_way_sends_fec_and_no_hole_reaches_the_model(link, tmp_path,
+                                                                                                start_bridge):
+    """Firefox offers no RED: the answer is Opus with in-band FEC, which Firefox sends once our
+    receiver reports show the loss; what FEC cannot rebuild is concealed, never left as zeros."""
+    from harness.browser import open_browser, unavailable
+
+    if unavailable("firefox"):
+        pytest.skip(unavailable("firefox"))
+    mic = speech_wav("Hello there. What is the weather like today in London? I would like to know if it will rain "
+                     "this afternoon, and whether I should take an umbrella.", tmp_path / "mic.wav", pad_s=0.3)
+    async with RealtimeStub() as stub:
+        bridge = await start_bridge(stub.url, host=link.host_ip)
+        url = bridge.url
+        async with open_browser("firefox", mic, link=link, origin=url) as browser:
+            page = await start_call(browser, url)
+            session = await stub.wait_session()
+            link.set_loss(10, 10)
+            start = len(session.audio)
+            await stub.respond(session, freq=440, ms=9000)
+            await asyncio.sleep(10)
+            stats = await audio_stats(page)
+            call = next(iter(bridge.registry.calls.values()))
+            up = call.uplink.stats
+            audio = bytes(session.audio[start:])
+    audio_lines = answer_audio_lines(stats["answer"])
+    assert "red/" not in " ".join(audio_lines).lower()  # nothing offered, nothing answered
+    assert up.packets > 300 and up.red_packets == 0
+    assert up.lbrr_packets > 0.2 * up.packets  # Firefox sends in-band FEC once it hears of the loss
+    assert up.lost > 10  # the loss was real
+    assert up.fec_recovered >= 0.25 * up.lost, up  # a share rebuilt from FEC (46 % measured), the rest concealed
+    assert up.unfilled == 0
+    frames = [audio[i:i + FRAME_BYTES] for i in range(0, len(audio) - FRAME_BYTES + 1, FRAME_BYTES)]
+    assert len(frames) > 400 and not [f for f in frames if not any(f)]
+    inbound = stats["inbound-rtp"]  # our downlink's FEC reaches Firefox's decoder
+    assert inbound["packetsLost"] > 10 and inbound["fecPacketsReceived"] > 0
+    assert inbound["concealedSamples"] / inbound["totalSamplesReceived"] < 0.03, inbound

@@ -1,22 +1,20 @@
-"""The bundled page survives a network change: Chromium in a network namespace whose UDP
+"""The bundled page survives a network change: Chromium or Firefox in a network namespace whose UDP
 is cut for 5 s while its address changes (Wi-Fi to cellular); the page re-attaches by
 itself with a new peer and the conversation goes on."""
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 
 import pytest
 
-from harness.browser import launch, start_call
+from harness.browser import BROWSERS, open_browser, start_call, unavailable
 from harness.netns import LossyLink
 from harness.speech import speech_wav
 from harness.stub import RealtimeStub
 
-WHY_NOT = "needs Debian's chromium (./test.sh installs it)" if not shutil.which("chromium") else LossyLink.unavailable()
-pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
+pytestmark = pytest.mark.skipif(LossyLink.unavailable() is not None, reason=LossyLink.unavailable() or "")
 
 CAPTIONS_JS = "() => [...document.querySelectorAll('.caption.assistant')].map((e) => e.innerText)"
 
@@ -31,16 +29,17 @@ async def _until(page, js: str, timeout_s: float) -> None:
         raise AssertionError(f"page never got to {js}: {seen}") from None
 
 
-async def test_the_page_re_attaches_after_its_link_drops_for_5_s_and_the_conversation_goes_on(tmp_path, start_bridge):
-    from playwright.async_api import async_playwright
-
+@pytest.mark.parametrize("browser_name", BROWSERS)
+async def test_the_page_re_attaches_after_its_link_drops_for_5_s_and_the_conversation_goes_on(browser_name, tmp_path,
+                                                                                              start_bridge):
+    if unavailable(browser_name):
+        pytest.skip(unavailable(browser_name))
     mic = speech_wav("Hello there, can you hear me?", tmp_path / "mic.wav", pad_s=0.3)
     with LossyLink(name="rttestrec", subnet="10.206.0") as link:
         async with RealtimeStub() as stub:
             bridge = await start_bridge(stub.url, host=link.host_ip, reconnect_grace="20")
             url = bridge.url
-            async with async_playwright() as p:
-                browser = await launch(p, mic, link=link, origin=url)
+            async with open_browser(browser_name, mic, link=link, origin=url) as browser:
                 page = await start_call(browser, url)
                 session = await stub.wait_session()
                 await stub.respond(session, freq=440, ms=1500, text="First answer before the break.")
@@ -61,7 +60,6 @@ async def test_the_page_re_attaches_after_its_link_drops_for_5_s_and_the_convers
                 back_in = time.monotonic() - restored
                 await _until(page, "[...document.querySelectorAll('.caption.assistant')].length >= 2", 10)
                 captions = await page.evaluate(CAPTIONS_JS)
-                await browser.close()
     assert len(stub.sessions) == 1  # one upstream session throughout
     assert call.reattaches >= 1
     assert "First answer" in captions[0] and "Second answer" in captions[-1]  # in order

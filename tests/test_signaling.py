@@ -189,3 +189,26 @@ async def test_with_an_auth_token_calls_need_the_token_or_a_minted_ephemeral_key
         await asyncio.sleep(0.02)
     assert session.events_of("session.update")[1]["session"]["instructions"] == "from the key"
     assert "s3cret" not in str(session.events_of("session.update"))
+
+
+async def test_firefox_s_own_offer_is_answered_with_candidates_opus_and_fec_and_no_red(bridge):
+    """The offer Firefox 153 (firefox-esr, default settings) made on this machine: mDNS host
+    candidates only, Opus at payload type 109, no RED, G.722, telephone-event."""
+    from pathlib import Path
+
+    offer = (Path(__file__).parent / "sdp" / "firefox-153-offer.sdp").read_text().replace("\n", "\r\n")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(bridge.url + "/v1/realtime/calls", data=offer,
+                             headers={"Content-Type": "application/sdp"}) as r:
+            assert r.status == 201, await r.text()
+            answer = await r.text()
+            call_id = r.headers["Location"].rsplit("/", 1)[-1]
+        lines = answer.splitlines()
+        audio = next(line for line in lines if line.startswith("m=audio")).split()
+        assert audio[3] == "109" and "red/" not in answer.lower()  # Opus first; no RED offered, none answered
+        assert "a=fmtp:109 minptime=10;useinbandfec=1" in answer  # FEC asked of Firefox's encoder
+        assert "maxplaybackrate" not in answer  # (Firefox's remoteDescription shows "=0": its own default)
+        assert [line for line in lines if line.startswith("a=candidate:")]  # where Firefox's checks go
+        async with http.post(f"{bridge.url}/v1/realtime/calls/{call_id}/hangup") as r:
+            assert r.status in (200, 204)
+    await bridge.wait_no_calls()
