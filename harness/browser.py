@@ -104,6 +104,30 @@ def caption_js(role: str, text: str) -> str:
 CAPTIONS_JS = "() => [...document.querySelectorAll('.caption')].map((e) => [e.dataset.role, e.innerText])"
 
 
+JITTER_JS = """async () => { let o = null; (await window.bridge.pc.getStats()).forEach((s) => {
+  if (s.type === 'inbound-rtp' && s.kind === 'audio') o = [s.jitterBufferDelay || 0, s.jitterBufferEmittedCount || 0]; });
+  return o; }"""
+
+
+async def settle_playout(page, below_ms: float = 150.0, timeout_s: float = 30.0) -> float:
+    """Wait until the browser's jitter buffer holds less than `below_ms` (over the last 0.5 s);
+    returns how long that took. Firefox here starts pulling audio from its jitter buffer
+    ≈2 s after the call connects and then takes ≈12 s to shrink the backlog (Chromium: at once)."""
+    import asyncio
+    import time
+
+    start = time.monotonic()
+    prev = await page.evaluate(JITTER_JS) or [0, 0]
+    while time.monotonic() - start < timeout_s:
+        await asyncio.sleep(0.5)
+        now = await page.evaluate(JITTER_JS) or [0, 0]
+        emitted = now[1] - prev[1]
+        if emitted > 0 and (now[0] - prev[0]) / emitted * 1000 < below_ms:
+            return time.monotonic() - start
+        prev = now
+    raise AssertionError(f"the browser's jitter buffer stayed over {below_ms} ms for {timeout_s} s")
+
+
 async def start_call(browser, url: str, timeout_s: float = 15.0):
     """Open the bundled page at `url`, press Start, wait until the call is connected."""
     page = await browser.new_page()
