@@ -229,6 +229,12 @@ class FirefoxPage:
         self.context = context
         self._console: list[Callable] = []
 
+    async def add_init_script(self, js: str) -> None:
+        """Run `js` in every document this tab loads, before the page's own scripts
+        (Playwright's `add_init_script`)."""
+        await self._browser.send("script.addPreloadScript", {
+            "functionDeclaration": f"() => {{ {js} }}", "contexts": [self.context]})
+
     async def goto(self, url: str) -> None:
         await self._browser.send("browsingContext.navigate", {"context": self.context, "url": url, "wait": "complete"})
 
