@@ -3,11 +3,12 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const ui = { call: $("call"), state: $("state"), error: $("error"), captions: $("captions"),
+const ui = { call: $("call"), state: $("state"), error: $("error"), captions: $("captions"), net: $("net"),
+             banner: $("banner"),
              micLevel: $("mic-level"), modelLevel: $("model-level"), remote: $("remote") };
 
 const bridge = (window.bridge = {
-  state: "idle", callId: null, events: [], micPeak: 0, modelPeak: 0, modelLevel: 0,
+  state: "idle", callId: null, events: [], micPeak: 0, modelPeak: 0, modelLevel: 0, quality: null,
   pc: null, dc: null, mic: null, audioCtx: null, meterTimer: null,
 });
 
@@ -17,6 +18,9 @@ function setState(state) {
   ui.state.dataset.state = state;
   const live = state === "connecting" || state === "connected" || state === "reconnecting";
   ui.call.textContent = live ? "Hang up" : "Start";
+  ui.banner.textContent = state === "reconnecting" ? "Reconnecting… the call goes on when the network is back." : "";
+  ui.banner.hidden = state !== "reconnecting";
+  if (!live) { ui.net.hidden = true; bridge.quality = null; }
   ui.call.classList.toggle("live", live);
 }
 
@@ -190,7 +194,9 @@ function newPeer() {
   pc.onconnectionstatechange = () => {
     if (pc !== bridge.pc) return; // a peer already replaced
     const s = pc.connectionState;
-    if (s === "connected") { bridge.everConnected = true; showError(""); setState("connected"); watchInbound(pc); }
+    if (s === "connected") {
+      bridge.everConnected = true; showError(""); setState("connected"); watchInbound(pc); watchQuality(pc);
+    }
     else if (s === "failed") reconnect("the connection failed");
     else if (s === "disconnected") {
       // ICE often recovers by itself within a second or two; if not, offer again
@@ -270,11 +276,10 @@ async function reconnect(why) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-// The server sends audio all the time (silence included, unless it runs with DTX), so
-// 2 s without a packet (after packets had come) means the path is gone: well before ICE
-// says "disconnected".
+// The server sends a packet at least every 420 ms (every 20 ms while the model speaks; in
+// silence, DTX keeps one in 21), so 2 s without a packet (after packets had come) means the
+// path is gone: well before ICE says "disconnected".
 function watchInbound(pc) {
-  if (bridge.config.opus_dtx) return;
   let last = -1, since = Date.now();
   const timer = setInterval(async () => {
     if (pc !== bridge.pc || pc.connectionState === "closed") { clearInterval(timer); return; }
@@ -283,6 +288,47 @@ function watchInbound(pc) {
     if (received !== last) { last = received; since = Date.now(); return; }
     if (received > 0 && Date.now() - since > 2000) { clearInterval(timer); reconnect("no audio from the server for 2 s"); }
   }, 250);
+}
+
+// ---- network quality, for a glance: loss both ways and the round trip, each second -------
+// good: under 2 % lost and under 150 ms; fair: under 8 % and 300 ms; poor otherwise.
+function watchQuality(pc) {
+  let prev = null;
+  const timer = setInterval(async () => {
+    if (pc !== bridge.pc || pc.connectionState === "closed") { clearInterval(timer); return; }
+    let inbound = null, remote = null, pair = null;
+    (await pc.getStats()).forEach((r) => {
+      if (r.type === "inbound-rtp" && r.kind === "audio") inbound = r;
+      else if (r.type === "remote-inbound-rtp" && r.kind === "audio") remote = r;
+      else if (r.type === "candidate-pair" && r.state === "succeeded" && (r.nominated || r.selected)) pair = r;
+    });
+    if (!inbound) return;
+    const now = { lost: Math.max(0, inbound.packetsLost || 0), got: inbound.packetsReceived || 0,
+                  fec: inbound.fecPacketsReceived || 0, concealed: inbound.concealedSamples || 0,
+                  samples: inbound.totalSamplesReceived || 0 };
+    const was = prev || { lost: 0, got: 0, fec: 0, concealed: 0, samples: 0 };
+    prev = now;
+    const lost = now.lost - was.lost, got = now.got - was.got;
+    const rtt = remote && remote.roundTripTime !== undefined ? remote.roundTripTime
+      : pair && pair.currentRoundTripTime !== undefined ? pair.currentRoundTripTime : null;
+    const q = {
+      loss_down_pct: lost + got > 0 ? Math.round((1000 * lost) / (lost + got)) / 10 : 0,
+      loss_up_pct: remote && remote.fractionLost !== undefined ? Math.round(remote.fractionLost * 1000) / 10 : null,
+      rtt_ms: rtt === null ? null : Math.round(rtt * 1000),
+      recovered_packets: now.fec - was.fec,
+      concealed_pct: now.samples > was.samples ? Math.round((1000 * (now.concealed - was.concealed)) / (now.samples - was.samples)) / 10 : 0,
+    };
+    const loss = Math.max(q.loss_down_pct, q.loss_up_pct || 0), slow = q.rtt_ms || 0;
+    q.level = loss < 2 && slow < 150 ? "good" : loss < 8 && slow < 300 ? "fair" : "poor";
+    bridge.quality = q;
+    const rttText = q.rtt_ms === null ? "…" : `${q.rtt_ms} ms`;
+    ui.net.dataset.level = q.level;
+    ui.net.textContent = `${q.level} · ${rttText}${loss >= 1 ? ` · ${loss}% lost` : ""}`;
+    ui.net.setAttribute("aria-label", `Network quality ${q.level}: round trip ${rttText}, ` +
+      `${q.loss_down_pct}% lost toward you, ${q.loss_up_pct === null ? "unknown" : q.loss_up_pct + "%"} lost ` +
+      `toward the server, ${q.recovered_packets} packets repaired in the last second`);
+    ui.net.hidden = false;
+  }, 1000);
 }
 
 function connectedWithin(pc, ms) {

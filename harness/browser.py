@@ -95,6 +95,21 @@ async def open_browser(name: str, mic_wav: Path, *, link=None, origin: Optional[
             pulse.stop()
 
 
+#: What a failed wait reports about the page.
+PAGE_STATE_JS = """() => ({state: window.bridge.state, reconnects: window.bridge.reconnects,
+  pc: window.bridge.pc && window.bridge.pc.connectionState, error: document.getElementById('error').innerText,
+  captions: [...document.querySelectorAll('.caption')].map((e) => e.innerText)})"""
+
+
+async def until(page, js: str, timeout_s: float) -> None:
+    """Wait for the page expression `js`; if it never comes, fail saying where the page is."""
+    try:
+        await page.wait_for_function(js, timeout=timeout_s * 1000)
+    except Exception:
+        seen = await page.evaluate(PAGE_STATE_JS)
+        raise AssertionError(f"page never got to {js}: {json.dumps(seen)}") from None
+
+
 def caption_js(role: str, text: str) -> str:
     """A page expression: a finished caption of `role` contains `text` (case-insensitive)."""
     return (f"() => [...document.querySelectorAll('.caption.{role}:not(.partial)')]"
@@ -109,6 +124,13 @@ JITTER_JS = """async () => { let o = null; (await window.bridge.pc.getStats()).f
   return o; }"""
 
 
+def jitter_ms(before: list, after: list) -> Optional[float]:
+    """What the browser's jitter buffer held, on average, for each sample it played between
+    two `JITTER_JS` readings (None if it played nothing)."""
+    emitted = after[1] - before[1]
+    return (after[0] - before[0]) / emitted * 1000 if emitted > 0 else None
+
+
 async def settle_playout(page, below_ms: float = 150.0, timeout_s: float = 30.0) -> float:
     """Wait until the browser's jitter buffer holds less than `below_ms` (over the last 0.5 s);
     returns how long that took. Firefox here starts pulling audio from its jitter buffer
@@ -121,8 +143,8 @@ async def settle_playout(page, below_ms: float = 150.0, timeout_s: float = 30.0)
     while time.monotonic() - start < timeout_s:
         await asyncio.sleep(0.5)
         now = await page.evaluate(JITTER_JS) or [0, 0]
-        emitted = now[1] - prev[1]
-        if emitted > 0 and (now[0] - prev[0]) / emitted * 1000 < below_ms:
+        held = jitter_ms(prev, now)
+        if held is not None and held < below_ms:
             return time.monotonic() - start
         prev = now
     raise AssertionError(f"the browser's jitter buffer stayed over {below_ms} ms for {timeout_s} s")

@@ -6,11 +6,10 @@ and shows the reply."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 
-from harness.browser import BROWSERS, caption_js, open_browser, settle_playout, unavailable
+from harness.browser import BROWSERS, caption_js, open_browser, settle_playout, unavailable, until
 from harness.stub import RealtimeStub
 from media.audio import rms_dbfs
 from harness.speech import speech_wav
@@ -26,26 +25,16 @@ async def browser(request, tmp_path):
         yield b
 
 
-async def _wait(page, js: str, timeout_s: float) -> None:
-    try:
-        await page.wait_for_function(js, timeout=timeout_s * 1000)
-    except Exception:
-        seen = await page.evaluate("() => ({state: window.bridge.state, error: document.getElementById('error')"
-                                   ".innerText, captions: [...document.querySelectorAll('.caption')]"
-                                   ".map((e) => e.innerText)})")
-        raise AssertionError(f"page never got to {js}: {json.dumps(seen)}") from None
-
-
 async def run_page_call(browser, url: str, *, expect_user: str, expect_model: str, timeout: float = 40.0):
     page = await browser.new_page()
     logs: list[str] = []
     page.on("console", lambda m: logs.append(m.text))
     await page.goto(url)
     await page.click("#call")
-    await _wait(page, "window.bridge.state === 'connected'", 30)
-    await _wait(page, caption_js("user", expect_user), timeout)
-    await _wait(page, caption_js("assistant", expect_model), timeout)
-    await _wait(page, "window.bridge.modelPeak > 0.05", 15)
+    await until(page, "window.bridge.state === 'connected'", 30)
+    await until(page, caption_js("user", expect_user), timeout)
+    await until(page, caption_js("assistant", expect_model), timeout)
+    await until(page, "window.bridge.modelPeak > 0.05", 15)
     return page, logs
 
 
@@ -106,7 +95,7 @@ async def server_without_key():
 
 async def test_with_no_key_the_page_has_a_spoken_conversation_with_the_local_backend(browser, server_without_key):
     page, _ = await run_page_call(browser, server_without_key, expect_user="weather", expect_model="You said", timeout=60)
-    await _wait(page, caption_js("assistant", "weather"), 30)  # the model heard the words
+    await until(page, caption_js("assistant", "weather"), 30)  # the model heard the words
     await page.click("#call")
     await page.wait_for_function("window.bridge.state === 'idle'")
 
@@ -165,7 +154,7 @@ async def test_the_page_shows_a_server_run_tool_call_and_its_result(browser, sta
             await page.wait_for_function("window.bridge.state === 'connected'", timeout=30000)
             session = await stub.wait_session()
             await stub.call_function("lookup_order", '{"number": "A-7"}', session)
-            await _wait(page, "() => [...document.querySelectorAll('.caption.tool')]"
+            await until(page, "() => [...document.querySelectorAll('.caption.tool')]"
                               ".some((e) => e.innerText.includes('shipped'))", 10)
             text = await page.evaluate("() => [...document.querySelectorAll('.caption.tool')]"
                                        ".map((e) => e.innerText).join('\\n')")
@@ -186,11 +175,11 @@ async def test_speaking_over_the_model_cuts_it_off_where_the_page_heard_it(brows
         page = await browser.new_page()
         await page.goto(bridge.url)
         await page.click("#call")
-        await _wait(page, "window.bridge.state === 'connected'", 30)
+        await until(page, "window.bridge.state === 'connected'", 30)
         session = await stub.wait_session()
         await settle_playout(page)
         answer = asyncio.ensure_future(stub.respond(session, freq=440, ms=6000, text="A long answer to interrupt."))
-        await _wait(page, "window.bridge.modelPeak > 0.05", 20)  # the answer plays
+        await until(page, "window.bridge.modelPeak > 0.05", 20)  # the answer plays
         await asyncio.sleep(1.0)
         await stub.speech_started(session)
         for _ in range(100):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from harness.browser import BROWSERS, open_browser, start_call, unavailable
+from harness.browser import BROWSERS, open_browser, start_call, unavailable, until
 from harness.netns import LossyLink
 from harness.speech import speech_wav
 from harness.stub import RealtimeStub
@@ -17,16 +17,6 @@ from harness.stub import RealtimeStub
 pytestmark = pytest.mark.skipif(LossyLink.unavailable() is not None, reason=LossyLink.unavailable() or "")
 
 CAPTIONS_JS = "() => [...document.querySelectorAll('.caption.assistant')].map((e) => e.innerText)"
-
-
-async def _until(page, js: str, timeout_s: float) -> None:
-    try:
-        await page.wait_for_function(js, timeout=timeout_s * 1000)
-    except Exception:
-        seen = await page.evaluate("() => ({state: window.bridge.state, reconnects: window.bridge.reconnects, "
-                                   "pc: window.bridge.pc && window.bridge.pc.connectionState, "
-                                   "error: document.getElementById('error').innerText})")
-        raise AssertionError(f"page never got to {js}: {seen}") from None
 
 
 @pytest.mark.parametrize("browser_name", BROWSERS)
@@ -43,7 +33,7 @@ async def test_the_page_re_attaches_after_its_link_drops_for_5_s_and_the_convers
                 page = await start_call(browser, url)
                 session = await stub.wait_session()
                 await stub.respond(session, freq=440, ms=1500, text="First answer before the break.")
-                await _until(page, "window.bridge.modelPeak > 0.01", 10)
+                await until(page, "window.bridge.modelPeak > 0.01", 10)
                 call = next(iter(bridge.registry.calls.values()))
 
                 link.set_loss(100, 100)  # the network goes: every UDP packet dropped, both ways
@@ -51,14 +41,17 @@ async def test_the_page_re_attaches_after_its_link_drops_for_5_s_and_the_convers
                 link.readdress(7)  # and comes back as another network: the old ICE path is dead
                 await asyncio.sleep(2.5)
                 assert call.held_since is not None and call.reason is None  # held, not ended
+                shown = await page.evaluate("() => { const b = document.getElementById('banner'); "
+                                            "return {hidden: b.hidden, text: b.innerText, role: b.getAttribute('role')}; }")
+                assert not shown["hidden"] and "Reconnecting" in shown["text"] and shown["role"] == "status", shown
                 link.set_loss(0, 0)
                 restored = time.monotonic()
-                await _until(page, "window.bridge.state === 'connected' && window.bridge.reconnects >= 1", 20)
+                await until(page, "window.bridge.state === 'connected' && window.bridge.reconnects >= 1", 20)
                 await page.evaluate("window.bridge.modelPeak = 0")
                 await stub.respond(session, freq=660, ms=1500, text="Second answer after the break.")
-                await _until(page, "window.bridge.modelPeak > 0.01", 10)
+                await until(page, "window.bridge.modelPeak > 0.01", 10)
                 back_in = time.monotonic() - restored
-                await _until(page, "[...document.querySelectorAll('.caption.assistant')].length >= 2", 10)
+                await until(page, "[...document.querySelectorAll('.caption.assistant')].length >= 2", 10)
                 captions = await page.evaluate(CAPTIONS_JS)
     assert len(stub.sessions) == 1  # one upstream session throughout
     assert call.reattaches >= 1
