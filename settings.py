@@ -95,7 +95,7 @@ class Settings:
     echo_guard: str = "auto"
     red: bool = True
     opus_bitrate: int = 32000
-    opus_dtx: bool = False
+    opus_dtx: str = "auto"
     browser_opus_bitrate: int = 48000
     auth_token: Optional[str] = field(default=None, repr=False)
     cors_origins: tuple[str, ...] = ()
@@ -302,6 +302,16 @@ def _bool(v: str) -> bool:
     raise ValueError("must be true or false")
 
 
+def _dtx(v: str) -> str:
+    low = v.strip().lower()
+    if low == "auto":
+        return "auto"
+    try:
+        return "on" if _bool(low) else "off"
+    except ValueError:
+        raise ValueError("must be auto, on or off") from None
+
+
 def _bitrate(v: str) -> int:
     n = int(v)
     if not 6000 <= n <= 128000:
@@ -446,7 +456,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("red", ("AUDIO_RED",), _bool, "negotiate redundant audio (RED, RFC 2198) with browsers that offer it: each packet also carries the previous frame (about twice the audio bitrate), so a lost packet is rebuilt exactly"),
     Option("opus_bitrate", ("OPUS_BITRATE",), _bitrate, "bitrate of the audio sent to the browser, bits/s (6000-128000; 24 kHz mono speech, in-band FEC on top)"),
     Option("browser_opus_bitrate", ("BROWSER_OPUS_BITRATE",), _browser_bitrate, "bitrate asked of the browser's Opus encoder, bits/s (answer's maxaveragebitrate; 0: the browser's default, 32000 in Chrome). In-band FEC comes out of this budget once loss is reported: at 32000 Chrome's speech lost 0.5 PESQ at 10 % loss, at 48000 0.3 (BENCHMARKS.md §7); RED doubles what is sent"),
-    Option("opus_dtx", ("OPUS_DTX",), _bool, "discontinuous transmission toward the browser: almost no packets while the model is silent"),
+    Option("opus_dtx", ("OPUS_DTX",), _dtx, "discontinuous transmission toward the browser: while the model is silent, one packet every 420 ms instead of every 20 ms. 'auto' until the model first speaks on each peer (Firefox holds every silent frame of a call's first seconds and then plays its first answer ≈1 s late), 'on' always, 'off' never"),
     Option("auth_token", ("BRIDGE_AUTH_TOKEN",), str, "if set, creating a call needs 'Authorization: Bearer' with this token or an ephemeral key from POST /v1/realtime/client_secrets (default: open)", secret=True),
     Option("cors_origins", ("CORS_ORIGINS",), _csv, "comma-separated origins allowed to call the API from other sites ('*' for any; default: same origin only)"),
     Option("client_events", ("ALLOWED_CLIENT_EVENTS",), _csv, "client event types the page may send upstream"),

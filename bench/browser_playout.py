@@ -1,6 +1,6 @@
 """Browser playout: how much of our downlink each browser holds in its jitter buffer, over
-the first seconds of a call, with our downlink sending every 20 ms frame (the default) or
-skipping silent ones (`OPUS_DTX`).
+the first seconds of a call, with our downlink sending every 20 ms frame (`OPUS_DTX=off`),
+skipping silent ones until the model first speaks (`auto`, the default) or always (`on`).
 
 For each browser (headless Chromium; headless Firefox with a private PulseAudio daemon as
 its sound card) and each downlink mode, `--runs` calls: the bridge (in this process, a
@@ -24,7 +24,6 @@ import statistics
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,20 +32,12 @@ from aiohttp import web  # noqa: E402
 
 import settings as config  # noqa: E402
 from bench.common import pcts, write_result  # noqa: E402
-from harness.browser import JITTER_JS, open_browser, unavailable  # noqa: E402
+from harness.browser import JITTER_JS, jitter_ms, open_browser, unavailable  # noqa: E402
+from harness.speech import silence_wav  # noqa: E402
 from harness.stub import RealtimeStub  # noqa: E402
 from signaling.admission import NEVER  # noqa: E402
 from signaling.app import build_app  # noqa: E402
 from signaling.routes import ADMISSION  # noqa: E402
-
-
-def _silence(path: Path, seconds: float) -> Path:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(48000)
-        w.writeframes(b"\0\0" * int(48000 * seconds))
-    return path
 
 
 async def one_call(browser, stub: RealtimeStub, url: str, quiet_s: float, answer_s: float) -> dict:
@@ -68,8 +59,8 @@ async def one_call(browser, stub: RealtimeStub, url: str, quiet_s: float, answer
         elapsed = time.monotonic() - connected
         if elapsed >= len(series) + 1:
             now = await page.evaluate(JITTER_JS) or [0, 0]
-            emitted = now[1] - prev[1]
-            series.append(round((now[0] - prev[0]) / emitted * 1000, 1) if emitted > 0 else None)
+            held = jitter_ms(prev, now)
+            series.append(round(held, 1) if held is not None else None)
             prev = now
         await asyncio.sleep(0.02)
     await page.click("#call")
@@ -83,7 +74,7 @@ async def one_call(browser, stub: RealtimeStub, url: str, quiet_s: float, answer
 async def run(args) -> dict:
     out: dict = {"runs": args.runs, "quiet_s": args.quiet_s, "answer_s": args.answer_s, "browsers": {}}
     with tempfile.TemporaryDirectory() as folder:
-        mic = _silence(Path(folder) / "quiet.wav", 30)
+        mic = silence_wav(Path(folder) / "quiet.wav", 30)
         for name in args.browsers.split(","):
             why_not = unavailable(name)
             if why_not:
@@ -91,7 +82,7 @@ async def run(args) -> dict:
                 print(f"{name}: skipped ({why_not})", flush=True)
                 continue
             out["browsers"][name] = {}
-            for dtx in ("false", "true"):
+            for dtx in ("off", "auto", "on"):
                 calls = []
                 async with RealtimeStub() as stub:
                     settings = config.from_raw({"realtime_url": stub.url, "records_db": str(Path(folder) / "r.db"),
@@ -112,9 +103,9 @@ async def run(args) -> dict:
                 by_second = [statistics.median([c["jitter_buffer_ms_per_second"][i] for c in calls
                                                 if len(c["jitter_buffer_ms_per_second"]) > i
                                                 and c["jitter_buffer_ms_per_second"][i] is not None] or [0])
-                             for i in range(int(args.quiet_s + args.answer_s))]
+                             for i in range(int(args.quiet_s + args.answer_s) - 1)]  # the last second is cut short
                 audible = [c["answer_first_audible_ms"] for c in calls if c["answer_first_audible_ms"] is not None]
-                mode = "dtx" if dtx == "true" else "every_frame"
+                mode = {"off": "every_frame", "auto": "dtx_until_speech", "on": "dtx"}[dtx]
                 out["browsers"][name][mode] = {
                     "jitter_buffer_ms_by_second_median": by_second,
                     "jitter_buffer_ms_last_answer_second_median": by_second[-1],

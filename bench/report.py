@@ -240,7 +240,7 @@ def write_report(r: dict) -> Path:
             lines.append(f"| {row['loss_pct']:.0f} | {row['path']} | {_p(row['latency_ms'])} | {row['stalls_per_min']} | {row['lost']} |")
     lines += ["", *_browser_section(r.get("browser_loss") or {"skipped": "not part of this run"})]
     lines += ["", *admission_section(), "", *reconnect_section(), "", *cluster_section(), "", *voice_to_voice_section(), "",
-              *echo_guard_section()]
+              *echo_guard_section(), "", *browser_playout_section()]
     path = ROOT / "BENCHMARKS.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -575,6 +575,54 @@ def echo_guard_headline() -> list[str]:
     return [row]
 
 
+def browser_playout_section() -> list[str]:
+    """Section 13, from bench/browser_playout.py."""
+    lines = ["## 13. Browser playout: what each browser holds before it plays", ""]
+    r = _result("browser_playout")
+    if r is None:
+        return lines + ["Not measured yet: run `python bench/browser_playout.py`."]
+    lines += [f"The bundled page in each headless browser (Firefox with a private PulseAudio daemon as its sound card), "
+              f"a stub upstream silent for {r['quiet_s']:g} s after the call connects, then a {r['answer_s']:g} s tone. "
+              f"Jitter buffer: `jitterBufferDelay` / `jitterBufferEmittedCount` of each second (median of "
+              f"{r['runs']} calls); first audible: the stub sending the answer → the page's level above 0.05.", "",
+              "| browser | downlink in silence | jitter buffer, seconds 1-4 | jitter buffer at the end | answer first audible p50 / max |",
+              "|---|---|---|---|---|"]
+    for name, modes in r["browsers"].items():
+        if "skipped" in modes:
+            lines.append(f"| {name} | skipped: {modes['skipped']} | | | |")
+            continue
+        for mode, label in (("every_frame", "every 20 ms frame (`off`)"),
+                            ("dtx_until_speech", "DTX until the model first speaks (`auto`)"),
+                            ("dtx", "DTX throughout (`on`)")):
+            m = modes.get(mode)
+            if not m:
+                continue
+            by = m["jitter_buffer_ms_by_second_median"]
+            first = " / ".join(f"{x:g}" for x in by[:4])
+            a = m["answer_first_audible_ms"]
+            lines.append(f"| {name} | {label} | {first} ms | {m['jitter_buffer_ms_last_answer_second_median']:g} ms | "
+                         f"{a.get('p50')} / {a.get('max')} ms |")
+    lines += ["", f"- `{r['command']}` on {r['date']}."]
+    return lines
+
+
+def browser_playout_headline() -> list[str]:
+    r = _result("browser_playout")
+    if r is None or "firefox" not in r["browsers"] or "skipped" in r["browsers"]["firefox"]:
+        return []
+    f = r["browsers"]["firefox"]
+    c = r["browsers"].get("chromium", {})
+    row = (f"Browser playout (`bench/browser_playout.py`, BENCHMARKS.md §13, {r['date']}): a call's first answer, "
+           f"after {r['quiet_s']:g} s of silence, is first audible in Firefox after "
+           f"{f['dtx_until_speech']['answer_first_audible_ms']['p50']} ms p50 with `OPUS_DTX=auto` (the default), "
+           f"{f['every_frame']['answer_first_audible_ms']['p50']} ms when every silent frame is sent (Firefox holds "
+           f"them until its playout starts)")
+    if c and "skipped" not in c:
+        row += (f"; in Chromium {c['dtx_until_speech']['answer_first_audible_ms']['p50']} ms and "
+                f"{c['every_frame']['answer_first_audible_ms']['p50']} ms")
+    return [row + "."]
+
+
 def admission_headline() -> list[str]:
     a = _result("admission")
     if a is None:
@@ -631,6 +679,9 @@ def update_readme(r: dict) -> None:
     echo = echo_guard_headline()
     if echo:
         rows += ["", *echo]
+    playout = browser_playout_headline()
+    if playout:
+        rows += ["", *playout]
     admission = admission_headline()
     if admission:
         rows += ["", *admission]

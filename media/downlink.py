@@ -71,16 +71,25 @@ def loss_step(fraction: float) -> int:
 class OpusPacker:
     """aiortc's encoder slot for one call: `pack(PcmFrame)` → ([payload], rtp timestamp)."""
 
-    def __init__(self, codecs: AudioCodecs, *, bitrate: int = 32000, dtx: bool = False) -> None:
+    def __init__(self, codecs: AudioCodecs, *, bitrate: int = 32000, dtx: str = "off") -> None:
+        """`dtx`: "on" (silent frames not sent, but one in 21, as libopus marks them), "off",
+        or "auto": on until the first frame of model audio, then off. A browser that starts
+        playing out late (Firefox, ≈2 s after connecting here) then finds no backlog of
+        silence in its jitter buffer, and later silences keep every frame, so loss
+        concealment and the echo guard see the stream they always did."""
         self.codecs = codecs
-        self.dtx = dtx
+        self.dtx = dtx in ("on", "auto", True)
+        self._dtx_until_speech = dtx == "auto"
         self.stats = DownlinkStats()
         self.stats.loss_percent = loss_step(0.0)
         self._encoder = opus.Encoder(REALTIME_RATE, 1, bitrate=bitrate, fec=True,
-                                     loss_percent=self.stats.loss_percent, dtx=dtx)
+                                     loss_percent=self.stats.loss_percent, dtx=self.dtx)
         self._previous: Optional[tuple[int, bytes]] = None  # (timestamp, opus packet) for RED
 
     def pack(self, frame: PcmFrame) -> tuple[list[bytes], int]:
+        if self._dtx_until_speech and any(frame.pcm):  # the model's first audio (silence is exact zeros)
+            self._dtx_until_speech = self.dtx = False
+            self._encoder.set_dtx(False)
         packet = self._encoder.encode(frame.pcm)
         if self.dtx and len(packet) <= DTX_MAX_BYTES:
             self.stats.dtx_skipped += 1

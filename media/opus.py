@@ -197,6 +197,9 @@ class Encoder:
     def set_bitrate(self, bitrate: int) -> None:
         self._ctl(OPUS_SET_BITRATE, bitrate)
 
+    def set_dtx(self, on: bool) -> None:
+        self._ctl(OPUS_SET_DTX, 1 if on else 0)
+
     def encode(self, pcm: bytes) -> bytes:
         """One frame of PCM16 (2.5-60 ms at the encoder's rate) → one Opus packet."""
         if self._st is None:

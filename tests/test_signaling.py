@@ -134,7 +134,7 @@ async def test_the_page_is_served(bridge):
         async with http.get(bridge.url + "/client/app.js") as r:
             assert r.status == 200 and "oai-events" in await r.text()
         async with http.get(bridge.url + "/config.json") as r:
-            assert (await r.json()) == {"ice_servers": [], "opus_dtx": False, "reconnect_grace_seconds": 20.0}
+            assert (await r.json()) == {"ice_servers": [], "opus_dtx": "auto", "reconnect_grace_seconds": 20.0}
 
 
 async def test_metrics_report_calls_loop_lag_and_audio_health(bridge, new_caller):
