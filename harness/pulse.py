@@ -78,7 +78,12 @@ class PulseAudio:
         return any(line.strip() for line in out.splitlines())
 
     def loop(self, wav: Path) -> None:
-        """Play `wav` into the microphone, again and again, from when a browser opens it."""
+        """Play `wav` into the microphone, again and again, from when a browser opens it.
+        It is played as one long file (the WAV repeated for a minute), so there is no gap
+        between repeats, with a -50 dBFS noise floor as a real room and microphone have (-70 dBFS came out of Firefox's noise suppressor as exact zeros): Firefox passes
+        digital silence through as exact zeros, which would look like holes to the tests."""
+        wav = self._looped(wav)
+
         def run() -> None:
             while not self._stop.is_set() and not self.recording():
                 self._stop.wait(0.02)
@@ -94,6 +99,25 @@ class PulseAudio:
         thread = threading.Thread(target=run, daemon=True, name="pulse-mic")
         thread.start()
         self._threads.append(thread)
+
+    def _looped(self, wav: Path, seconds: float = 60.0) -> Path:
+        import wave
+
+        import numpy as np
+
+        with wave.open(str(wav), "rb") as r:
+            rate, channels = r.getframerate(), r.getnchannels()
+            pcm = np.frombuffer(r.readframes(r.getnframes()), dtype="<i2")
+        repeats = max(1, int(np.ceil(seconds * rate * channels / max(1, pcm.size))))
+        tiled = np.tile(pcm, repeats).astype(np.float64)
+        tiled += np.random.default_rng(0).normal(0.0, 32768 * 10 ** (-50 / 20), tiled.size)
+        out = Path(self._dir.name) / f"looped-{wav.stem}.wav"
+        with wave.open(str(out), "wb") as w:
+            w.setnchannels(channels)
+            w.setsampwidth(2)
+            w.setframerate(rate)
+            w.writeframes(np.clip(np.round(tiled), -32768, 32767).astype("<i2").tobytes())
+        return out
 
     def echo(self, delay_ms: int = 150, gain_db: float = -6.0) -> None:
         """What the browser plays comes back into its microphone, `delay_ms` later at `gain_db`."""

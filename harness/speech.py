@@ -36,6 +36,17 @@ def speech_wav(text: str, path: Path, *, rate: int = 48000, pad_s: float = 2.0, 
     return path
 
 
+def silence_wav(path: Path, seconds: float, rate: int = 48000) -> Path:
+    """`seconds` of digital silence, mono PCM16 (a microphone in a quiet room, once
+    `harness.pulse` adds its noise floor)."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"\0\0" * int(rate * seconds))
+    return path
+
+
 def read_pcm(path: Path) -> tuple[bytes, int]:
     with wave.open(str(path)) as w:
         return w.readframes(w.getnframes()), w.getframerate()

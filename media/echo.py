@@ -81,6 +81,12 @@ WINDOW_S = 1.0
 ENVELOPE_S = 3.0
 MAX_DELAY_BLOCKS = int(0.6 * 100)
 MIN_OVERLAP_BLOCKS = 100
+#: A call's first second of cancelling, while AEC3 is still finding the echo path (a real
+#: browser's loop, Firefox through PulseAudio here, set off the local backend's VAD 0.6 s into
+#: the model's first words): a block quieter than the model's loudest of the last 0.6 s is
+#: turned down this much; a caller louder than that (talking over the model) passes.
+CAUTIOUS_MS = 1000
+CAUTIOUS_GAIN = 0.1
 
 
 def _energy(x: np.ndarray) -> float:
@@ -212,6 +218,8 @@ class EchoGuard:
         resumed, self._ran = not self._ran, True
         if self.mode == "auto" and self.stats.state == "clear":
             return self._raw(near, tail)
+        if self.stats.processed_ms <= CAUTIOUS_MS:
+            out = self._cautious(out)
         self.stats.cancelled_ms += ms
         if resumed and self._delayed and tail.size and whole >= tail.size:
             # The canceller's first samples are what it held when it last stopped: those went
@@ -219,6 +227,23 @@ class EchoGuard:
             out = np.concatenate([tail, out[tail.size:]])
         self._delayed = True
         return out.tobytes()
+
+    def _cautious(self, out: np.ndarray) -> np.ndarray:
+        """What an echo of the model can be at most (as loud as the model's loudest 10 ms of
+        the last 0.6 s: a phone's speaker right at its microphone) is turned down by
+        CAUTIOUS_GAIN while the canceller converges; anything louder is the caller."""
+        far = list(self._env_far)[-MAX_DELAY_BLOCKS:]
+        if not far:
+            return out
+        blocks = out.reshape(-1, BLOCK).astype(np.float32)
+        rms = np.sqrt(np.mean(np.square(blocks), axis=1))
+        # (blocks below VOICED_DBFS are left alone: no VAD hears them, and turned down they
+        # would round to digital silence)
+        quiet = (rms < max(far)) & (rms > 32768 * 10 ** (VOICED_DBFS / 20))
+        if not quiet.any():
+            return out
+        blocks[quiet] *= CAUTIOUS_GAIN
+        return np.clip(np.round(blocks), -32768, 32767).astype(np.int16).reshape(-1)
 
     def close(self) -> None:
         """The call ended: the canceller's state goes now, not at the next collection."""

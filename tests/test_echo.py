@@ -207,3 +207,32 @@ def test_a_caller_quiet_while_the_model_speaks_has_no_echo(far):
     assert guard.stats.cleared_after_s is not None and guard.stats.cleared_after_s <= 4.0
     tail = slice(int(6 * REALTIME_RATE), out.size)
     assert np.array_equal(out[tail], np.clip(quiet, -32768, 32767).astype("<i2")[tail].astype(np.float32))
+
+
+def test_in_the_canceller_s_first_second_what_could_be_echo_is_turned_down_and_a_louder_caller_is_not(
+        far, monkeypatch):
+    import media.echo as echo
+
+    first = int(echo.CAUTIOUS_MS / 1000 * REALTIME_RATE) // FRAME * FRAME
+    speech = int(np.flatnonzero(np.abs(far) > 1000)[0]) // FRAME * FRAME  # the model's first words
+    model = far[speech:speech + first]
+    echoed = echo_of(model, 150, -6)  # at most as loud as the model itself
+    rng = np.random.default_rng(5)  # a caller talking over the model, louder at their microphone than it
+    loud = (rng.standard_normal(model.size) * 3 * np.sqrt(np.mean(model ** 2))).astype(np.float32)
+
+    def through(near: np.ndarray, cautious: bool) -> np.ndarray:
+        monkeypatch.setattr(echo, "CAUTIOUS_MS", echo.CAUTIOUS_MS if cautious else 0)
+        guard = EchoGuard("on")
+        out = run(guard, model, near)
+        assert guard.stats.processed_ms <= 1000
+        return out[int(0.2 * REALTIME_RATE):]  # (the first 0.2 s: the canceller's own start)
+
+    gated, alone = through(echoed, True), through(echoed, False)
+    # what AEC3 lets through while it converges, where a VAD could hear it, is turned down
+    block = REALTIME_RATE // 100
+    heard = np.sqrt(np.mean(alone[:alone.size // block * block].reshape(-1, block) ** 2, axis=1)) \
+        > 32768 * 10 ** (echo.VOICED_DBFS / 20)
+    assert heard.sum() > 20
+    mask = np.repeat(heard, block)
+    assert erle_db(alone[:mask.size][mask], gated[:mask.size][mask]) >= 15
+    assert erle_db(through(loud, False), through(loud, True)) < 1  # the caller is not
