@@ -155,6 +155,7 @@ async function start() {
   try {
     // Created on the user's gesture, as mobile browsers require for audio.
     bridge.audioCtx = new (window.AudioContext || window.webkitAudioContext)();
+    watchSound(bridge.audioCtx);
     ui.remote.play().catch(() => {});
     bridge.mic = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
@@ -345,6 +346,40 @@ function connectedWithin(pc, ms) {
 function networkChanged() {
   if (bridge.callId && bridge.pc && bridge.pc.connectionState !== "connected") reconnect("the network changed");
 }
+// ---- sound that stops by itself ----------------------------------------------------
+// Safari suspends ("interrupted") the page's audio for a phone call, Siri or another app's
+// sound; a backgrounded tab may come back suspended; a route change (headphones out, the
+// earpiece) can pause the <audio> element. Sound is brought back by itself where the browser
+// allows it, and by one tap where it wants a gesture (the button says so).
+async function resumeSound() {
+  if (!bridge.callId) return;
+  const ctx = bridge.audioCtx;
+  try {
+    if (ctx && ctx.state !== "running" && ctx.state !== "closed") await ctx.resume();
+    if (ui.remote.srcObject && ui.remote.paused) await ui.remote.play();
+    if (ui.resume) ui.resume.hidden = true;
+    bridge.soundBlocked = false;
+  } catch (err) {
+    bridge.soundBlocked = true;
+    if (!ui.resume) {
+      ui.resume = document.createElement("button");
+      ui.resume.type = "button";
+      ui.resume.className = "resume";
+      ui.resume.textContent = "Tap to turn the sound back on";
+      ui.resume.addEventListener("click", resumeSound);
+      ui.banner.after(ui.resume);
+    }
+    ui.resume.hidden = false;
+  }
+}
+
+function watchSound(ctx) {
+  ctx.onstatechange = () => { if (ctx === bridge.audioCtx && ctx.state !== "running") resumeSound(); };
+}
+
+document.addEventListener("visibilitychange", () => { if (!document.hidden) resumeSound(); });
+if (navigator.mediaDevices) navigator.mediaDevices.addEventListener("devicechange", () => resumeSound());
+ui.remote.addEventListener("pause", () => { if (bridge.callId) resumeSound(); });
 window.addEventListener("online", networkChanged);
 window.addEventListener("offline", () => { if (bridge.callId) setState("reconnecting"); });
 if (navigator.connection && navigator.connection.addEventListener) {

@@ -198,3 +198,24 @@ async def test_speaking_over_the_model_cuts_it_off_where_the_page_heard_it(brows
             await asyncio.sleep(0.1)
         assert max(levels) < 0.01, levels  # the rest of the answer never reached the page
         await answer
+
+
+async def test_sound_that_stops_by_itself_comes_back(browser, start_bridge):
+    """What Safari does on a phone call or Siri (the page's AudioContext suspended), what a route
+    change does to the <audio> element (paused): the page brings the sound back by itself, and
+    the model is heard again."""
+    async with RealtimeStub() as stub:
+        bridge = await start_bridge(stub.url)
+        page = await browser.new_page()
+        await page.goto(bridge.url)
+        await page.click("#call")
+        await until(page, "window.bridge.state === 'connected'", 30)
+        session = await stub.wait_session()
+        await page.evaluate("window.bridge.audioCtx.suspend()")
+        await until(page, "window.bridge.audioCtx.state === 'running'", 5)
+        await page.evaluate("document.getElementById('remote').pause()")
+        await until(page, "!document.getElementById('remote').paused", 5)
+        assert await page.evaluate("!document.querySelector('.resume') || document.querySelector('.resume').hidden")
+        await page.evaluate("window.bridge.modelPeak = 0")
+        await stub.respond(session, freq=440, ms=1500)
+        await until(page, "window.bridge.modelPeak > 0.05", 15)
