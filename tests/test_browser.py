@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from harness.browser import BROWSERS, caption_js, open_browser, settle_playout, unavailable, until
+from harness.browser import BROWSERS, caption_js, open_browser, settle_playout, start_call, unavailable, until
 from harness.stub import RealtimeStub
 from media.audio import rms_dbfs
 from harness.speech import speech_wav
@@ -172,10 +172,7 @@ async def test_speaking_over_the_model_cuts_it_off_where_the_page_heard_it(brows
     backlog of seconds, see `settle_playout`)."""
     async with RealtimeStub() as stub:
         bridge = await start_bridge(stub.url)
-        page = await browser.new_page()
-        await page.goto(bridge.url)
-        await page.click("#call")
-        await until(page, "window.bridge.state === 'connected'", 30)
+        page = await start_call(browser, bridge.url, timeout_s=30)
         session = await stub.wait_session()
         await settle_playout(page)
         answer = asyncio.ensure_future(stub.respond(session, freq=440, ms=6000, text="A long answer to interrupt."))
@@ -206,10 +203,7 @@ async def test_sound_that_stops_by_itself_comes_back(browser, start_bridge):
     the model is heard again."""
     async with RealtimeStub() as stub:
         bridge = await start_bridge(stub.url)
-        page = await browser.new_page()
-        await page.goto(bridge.url)
-        await page.click("#call")
-        await until(page, "window.bridge.state === 'connected'", 30)
+        page = await start_call(browser, bridge.url, timeout_s=30)
         session = await stub.wait_session()
         await page.evaluate("window.bridge.audioCtx.suspend()")
         await until(page, "window.bridge.audioCtx.state === 'running'", 5)
