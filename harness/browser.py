@@ -7,8 +7,10 @@ and the pages they open answer the same calls (`goto`, `click`, `evaluate`,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator, Optional
@@ -135,9 +137,6 @@ async def settle_playout(page, below_ms: float = 150.0, timeout_s: float = 30.0)
     """Wait until the browser's jitter buffer holds less than `below_ms` (over the last 0.5 s);
     returns how long that took. Firefox here starts pulling audio from its jitter buffer
     ≈2 s after the call connects and then takes ≈12 s to shrink the backlog (Chromium: at once)."""
-    import asyncio
-    import time
-
     start = time.monotonic()
     prev = await page.evaluate(JITTER_JS) or [0, 0]
     while time.monotonic() - start < timeout_s:

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -132,7 +133,7 @@ class Firefox:
             found = re.search(r"WebDriver BiDi listening on (ws://\S+)", line)
             if found:
                 # Keep draining stderr so Firefox never blocks on a full pipe.
-                threading_drain(self._proc.stderr, self.log)
+                _drain_in_background(self._proc.stderr, self.log)
                 return found.group(1)
         raise BiDiError("Firefox exited before offering WebDriver BiDi: " + " | ".join(self.log[-10:]))
 
@@ -210,9 +211,8 @@ class Firefox:
         await self.close()
 
 
-def threading_drain(stream, sink: list[str]) -> None:
-    import threading
-
+def _drain_in_background(stream, sink: list[str]) -> None:
+    """Read a pipe to its end on a thread, keeping its last 500 lines in `sink`."""
     def drain() -> None:
         for raw in stream:
             sink.append(raw.decode(errors="replace").rstrip())

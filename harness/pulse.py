@@ -80,8 +80,9 @@ class PulseAudio:
     def loop(self, wav: Path) -> None:
         """Play `wav` into the microphone, again and again, from when a browser opens it.
         It is played as one long file (the WAV repeated for a minute), so there is no gap
-        between repeats, with a -50 dBFS noise floor as a real room and microphone have (-70 dBFS came out of Firefox's noise suppressor as exact zeros): Firefox passes
-        digital silence through as exact zeros, which would look like holes to the tests."""
+        between repeats, over a -50 dBFS noise floor, as a real room and microphone have:
+        Firefox passes digital silence through as exact zeros, which would look like holes to
+        the tests (and a -70 dBFS floor came out of its noise suppressor as zeros too)."""
         wav = self._looped(wav)
 
         def run() -> None:

@@ -78,7 +78,7 @@ class OpusPacker:
         silence in its jitter buffer, and later silences keep every frame, so loss
         concealment and the echo guard see the stream they always did."""
         self.codecs = codecs
-        self.dtx = dtx in ("on", "auto", True)
+        self.dtx = dtx in ("on", "auto")
         self._dtx_until_speech = dtx == "auto"
         self.stats = DownlinkStats()
         self.stats.loss_percent = loss_step(0.0)

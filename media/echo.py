@@ -87,6 +87,7 @@ MIN_OVERLAP_BLOCKS = 100
 #: turned down this much; a caller louder than that (talking over the model) passes.
 CAUTIOUS_MS = 1000
 CAUTIOUS_GAIN = 0.1
+_VOICED_RMS = 32768 * 10 ** (VOICED_DBFS / 20)
 
 
 def _energy(x: np.ndarray) -> float:
@@ -239,7 +240,7 @@ class EchoGuard:
         rms = np.sqrt(np.mean(np.square(blocks), axis=1))
         # (blocks below VOICED_DBFS are left alone: no VAD hears them, and turned down they
         # would round to digital silence)
-        quiet = (rms < max(far)) & (rms > 32768 * 10 ** (VOICED_DBFS / 20))
+        quiet = (rms < max(far)) & (rms > _VOICED_RMS)
         if not quiet.any():
             return out
         blocks[quiet] *= CAUTIOUS_GAIN

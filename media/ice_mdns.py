@@ -46,6 +46,7 @@ Connection = aioice.ice.Connection
 _original_add_remote_candidate = Connection.add_remote_candidate
 _original_prune_components = Connection._prune_components
 _original_connect = Connection.connect
+_original_close = Connection.close
 _installed = False
 
 
@@ -98,9 +99,6 @@ async def _close(self: Connection) -> None:
     for task in list(self.__dict__.get("_mdns_tasks", ())):
         task.cancel()
     await _original_close(self)
-
-
-_original_close = Connection.close
 
 
 def install() -> None:

@@ -200,7 +200,7 @@ def test_our_downlink_packets_carry_fec_after_loss_is_reported_and_red_repeats_t
 
 
 def test_dtx_sends_nothing_for_silence_and_keeps_the_timestamps():
-    packer = OpusPacker(AudioCodecs(OPUS_PT, None), dtx=True)
+    packer = OpusPacker(AudioCodecs(OPUS_PT, None), dtx="on")
     sent = [packer.pack(PcmFrame(bytes(FRAME_BYTES), n * TICKS)) for n in range(100)]
     assert sum(1 for payloads, _ in sent if payloads) < 20
     assert [ts for _, ts in sent] == [n * TICKS for n in range(100)]
